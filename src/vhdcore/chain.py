@@ -1,0 +1,333 @@
+"""A differencing chain (leaf -> ... -> base) seen as one virtual disk.
+
+Parents are found from the child's locators and parent name, but only inside directories the caller allows (the
+child's own and ``parent_dirs``): a locator is untrusted input, and following it anywhere else could open
+``/etc/shadow`` or a FIFO. Each parent must carry the unique id the child recorded.
+"""
+from __future__ import annotations
+
+import io
+import ntpath
+import os
+import posixpath
+import stat
+import urllib.parse
+from typing import Callable, Iterable, Iterator, Sequence
+
+from .exceptions import (
+    ChainCycleError,
+    ParentMismatchError,
+    ParentNotFoundError,
+    ReadOnlyError,
+    VHDError,
+)
+from .extents import Extent, merge_zero_runs
+from .geometry import vhd_timestamp
+from .image import NOT_HERE, Image, zero_fill
+from .structs import SECTOR_SIZE
+
+# Deeper chains exist nowhere in practice; a longer one is a loop through copies or a hostile file.
+MAX_CHAIN_DEPTH = 128
+
+Resolver = Callable[[Image, Sequence[str]], str]
+
+
+def _candidate_names(source: str, raw: str) -> list[str]:
+    """Turn one locator's text into relative or absolute POSIX path candidates."""
+    text = raw.strip()
+    if not text:
+        return []
+    if source == "MacX":
+        if text.startswith("file://"):
+            parsed = urllib.parse.urlparse(text)
+            path = urllib.parse.unquote(parsed.path)
+            if parsed.netloc == ".":  # file://./parent.vhd: relative to the child
+                return [path.lstrip("/")]
+            return [path]
+        return [text]
+    # Windows forms (W2ru/W2ku/name): backslashes, maybe a drive letter.
+    if "\\" in text or ntpath.splitdrive(text)[0]:
+        drive, rest = ntpath.splitdrive(text)
+        parts = [p for p in rest.replace("\\", "/").split("/")]
+        rel = "/".join(parts)
+        if drive or rel.startswith("/"):
+            # An absolute Windows path cannot exist here as it is; its file name may sit beside the child.
+            return [ntpath.basename(text)]
+        return [rel]
+    return [text]
+
+
+def _within(path: str, dirs: Iterable[str]) -> bool:
+    for d in dirs:
+        if path == d or path.startswith(d.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
+    """Find the parent file of ``child`` inside ``allowed_dirs`` (real paths) and check its unique id.
+
+    Raises ParentNotFoundError (with every path tried and why it was refused) or ParentMismatchError.
+    """
+    expected = child.header.parent_unique_id
+    child_dir = os.path.dirname(os.path.realpath(child.path))
+    tried: list[str] = []
+    mismatched: list[str] = []
+    seen: set[str] = set()
+    for source, raw in child.parent_candidates():
+        for name in _candidate_names(source, raw):
+            if posixpath.isabs(name):
+                # Followed only if it lies inside the allowed directories; else its file name is looked for there.
+                cands = [name] + [os.path.join(d, posixpath.basename(name)) for d in allowed_dirs]
+            else:
+                cands = [os.path.join(child_dir, name)]
+            for cand in cands:
+                real = os.path.realpath(cand)
+                if real in seen:
+                    continue
+                seen.add(real)
+                if not _within(real, allowed_dirs):
+                    tried.append(f"{source} {raw!r} -> {real} (outside the allowed directories, refused)")
+                    continue
+                try:
+                    st = os.stat(real)
+                except OSError:
+                    tried.append(f"{source} {raw!r} -> {real} (not found)")
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    tried.append(f"{source} {raw!r} -> {real} (not a regular file, refused)")
+                    continue
+                if real == os.path.realpath(child.path):
+                    raise ChainCycleError("the disk names itself as its parent", path=child.path,
+                                          field="parent locator", value=raw)
+                try:
+                    with Image(real, "r", strict=False) as cand_img:
+                        uid = cand_img.unique_id
+                except VHDError as e:
+                    tried.append(f"{source} {raw!r} -> {real} (not a usable VHD: {e.message})")
+                    continue
+                if uid == expected:
+                    return real
+                mismatched.append(f"{real} has unique id {uid}")
+                tried.append(f"{source} {raw!r} -> {real} (unique id {uid} differs)")
+    hoff = child.footer.data_offset
+    if mismatched:
+        raise ParentMismatchError(
+            f"parent found but its unique id is not the {expected} this disk records ({'; '.join(mismatched)}):"
+            " the parent was replaced or modified", path=child.path, offset=hoff + 40,
+            field="header.parent_unique_id", value=str(expected))
+    raise ParentNotFoundError(
+        "parent disk not found in the allowed directories", tried=tried, path=child.path, offset=hoff + 64,
+        field="header.parent_unicode_name", value=child.header.parent_unicode_name)
+
+
+class Disk:
+    """The virtual disk of a chain of images, leaf first. Reads resolve through the layers; writes go to the leaf."""
+
+    def __init__(self, layers: list[Image], warnings: list[str] | None = None) -> None:
+        self.layers = layers
+        self.leaf = layers[0]
+        self.size = self.leaf.size
+        self.mode = self.leaf.mode
+        self.warnings = list(warnings or [])
+        for img in layers:
+            self.warnings.extend(f"{img.path}: {w}" for w in img.warnings)
+
+    # ----------------------------------------------------------------------------------------- what is where
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Runs of [offset, offset+length) with the layer (or zeros) that holds each; zero runs merged."""
+        if length is None:
+            length = self.size - offset
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be non-negative")
+        stop = min(self.size, offset + length)
+        if offset >= stop:
+            return iter(())
+        return merge_zero_runs(self._walk(0, offset, stop))
+
+    def _walk(self, depth: int, start: int, stop: int) -> Iterator[Extent]:
+        img = self.layers[depth]
+        last = depth + 1 >= len(self.layers)
+        for off, n, fo in img.layer_runs(start, stop):
+            if fo != NOT_HERE:
+                yield Extent(off, n, img, depth, fo)
+            elif img.is_differencing and not last:
+                # Parents may be smaller than the child: beyond the parent's size the disk reads as zeros.
+                psize = self.layers[depth + 1].size
+                if off < psize:
+                    yield from self._walk(depth + 1, off, min(off + n, psize))
+                if off + n > psize:
+                    s = max(off, psize)
+                    yield Extent(s, off + n - s, None, -1, -1)
+            else:
+                yield Extent(off, n, None, -1, -1)
+
+    def allocated_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Only the runs some layer holds."""
+        return (e for e in self.extents(offset, length) if e.layer is not None)
+
+    def allocated_bytes(self) -> int:
+        return sum(e.length for e in self.allocated_extents())
+
+    # ----------------------------------------------------------------------------------------- reads
+
+    def readinto(self, offset: int, buf) -> int:
+        """Fill ``buf`` from virtual ``offset``; returns bytes read (short only at the end of the disk)."""
+        mv = memoryview(buf).cast("B")
+        if offset >= self.size:
+            return 0
+        n = min(len(mv), self.size - offset)
+        for ext in self.extents(offset, n):
+            a = ext.offset - offset
+            part = mv[a : a + ext.length]
+            if ext.layer is None:
+                zero_fill(part)
+            else:
+                ext.layer.preadinto(ext.file_offset, part)
+        return n
+
+    def read(self, offset: int, n: int) -> bytes:
+        if offset < 0 or n < 0:
+            raise ValueError("offset and n must be non-negative")
+        n = max(0, min(n, self.size - offset))
+        buf = bytearray(n)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def stream(self) -> "DiskStream":
+        return DiskStream(self)
+
+    # ----------------------------------------------------------------------------------------- writes
+
+    def write(self, offset: int, data) -> int:
+        """Write ``data`` at virtual ``offset`` into the leaf; partial sectors are merged with what is below."""
+        leaf = self.leaf
+        if not leaf.writable:
+            raise ReadOnlyError("disk is opened read-only", path=leaf.path, offset=offset)
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if offset < 0 or offset + n > self.size:
+            raise ValueError(f"write of {n} bytes at {offset} goes beyond the virtual size {self.size}")
+        if n == 0:
+            return 0
+        head = offset % SECTOR_SIZE
+        tail = (-(offset + n)) % SECTOR_SIZE
+        if head or tail:
+            start = offset - head
+            buf = bytearray(head + n + tail)
+            if head:
+                self.readinto(start, memoryview(buf)[:SECTOR_SIZE])
+            if tail:
+                self.readinto(offset + n + tail - SECTOR_SIZE, memoryview(buf)[-SECTOR_SIZE:])
+            buf[head : head + n] = mv
+            leaf.write_sectors(start, buf)
+        else:
+            leaf.write_sectors(offset, mv)
+        return n
+
+    def flush(self) -> None:
+        self.leaf.flush()
+
+    def close(self) -> None:
+        for img in self.layers:
+            img.close()
+
+    def __enter__(self) -> "Disk":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Disk {self.leaf.path!r} depth {len(self.layers)} size {self.size}>"
+
+
+class DiskStream(io.RawIOBase):
+    """A seekable, read-only byte stream of the virtual disk; ``readinto`` is the real implementation."""
+
+    def __init__(self, disk: Disk) -> None:
+        self._disk = disk
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._disk.readinto(self._pos, b)
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._disk.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def open_chain(
+    path: str | os.PathLike[str],
+    mode: str = "r",
+    parent_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    *,
+    strict: bool = True,
+    resolver: Resolver | None = None,
+) -> Disk:
+    """Open ``path`` and every parent it needs. Only the leaf is opened for writing (mode "r+")."""
+    leaf = Image(path, mode, strict=strict)
+    layers = [leaf]
+    warnings: list[str] = []
+    try:
+        allowed = [os.path.dirname(os.path.realpath(leaf.path))]
+        allowed += [os.path.realpath(os.fspath(d)) for d in (parent_dirs or ())]
+        seen = {_identity(leaf)}
+        img = leaf
+        while img.is_differencing:
+            if len(layers) >= MAX_CHAIN_DEPTH:
+                raise ChainCycleError(f"chain deeper than {MAX_CHAIN_DEPTH} layers", path=leaf.path,
+                                      field="chain depth", value=len(layers))
+            ppath = resolver(img, allowed) if resolver else resolve_parent(img, allowed)
+            parent = Image(ppath, "r", strict=strict)
+            if _identity(parent) in seen:
+                parent.close()
+                raise ChainCycleError("the chain loops back on itself", path=img.path, field="parent",
+                                      value=ppath)
+            seen.add(_identity(parent))
+            layers.append(parent)
+            if parent.unique_id != img.header.parent_unique_id:
+                raise ParentMismatchError(
+                    f"parent {ppath} has unique id {parent.unique_id}, the child records "
+                    f"{img.header.parent_unique_id}", path=img.path, offset=img.footer.data_offset + 40,
+                    field="header.parent_unique_id", value=str(img.header.parent_unique_id))
+            recorded = img.header.parent_timestamp
+            if recorded:
+                mtime = vhd_timestamp(os.stat(ppath).st_mtime)
+                if recorded not in (mtime, parent.footer.timestamp):
+                    warnings.append(
+                        f"{img.path}: parent timestamp {recorded} differs from {ppath}'s modification time "
+                        f"{mtime} (copied between hosts?)")
+            img = parent
+    except BaseException:
+        for im in layers:
+            im.close()
+        raise
+    return Disk(layers, warnings)
+
+
+def _identity(img: Image) -> tuple[int, int]:
+    st = os.fstat(img.fd)
+    return st.st_dev, st.st_ino

@@ -1,0 +1,158 @@
+"""Collapse a chain's virtual disk into one new file: raw (sparse), fixed VHD or dynamic VHD.
+
+Only what the chain holds is read (the allocation map says where); zeros are never written, so a raw output
+stays sparse and a dynamic output allocates only blocks that hold data. The output is written under a
+temporary name and renamed at the end.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import _kernels as K
+from .chain import Disk, open_chain
+from .create import DEFAULT_BLOCK_SIZE, _check_size, atomic_output, make_footer, write_dynamic_layout
+from .image import BLOCK_DATA_ALIGNMENT
+from .structs import FOOTER_SIZE, HEADER_SIZE, NO_DATA_OFFSET, SECTOR_SIZE, DiskType, bitmap_bytes
+
+ProgressFn = Callable[[int, int], None]
+CHUNK = 4 * 1024 * 1024
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    destination: str
+    to: str
+    virtual_size: int
+    bytes_read: int
+    bytes_written: int
+    blocks_written: int
+    zero_bytes_skipped: int
+    file_size: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def data_blocks(disk: Disk, block_size: int) -> Iterator[int]:
+    """Indexes of ``block_size`` blocks of the virtual disk that some layer holds data for, ascending."""
+    last = -1
+    for ext in disk.allocated_extents():
+        first = ext.offset // block_size
+        end = (ext.end - 1) // block_size
+        for b in range(max(first, last + 1), end + 1):
+            yield b
+        last = max(last, end)
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = "dynamic", *,
+            block_size: int | None = None, parent_dirs: Sequence[str] | None = None,
+            progress: ProgressFn | None = None, strict: bool = True) -> ConvertReport:
+    if to not in ("raw", "fixed", "dynamic"):
+        raise ValueError(f"'to' must be raw, fixed or dynamic, not {to!r}")
+    t0 = time.perf_counter()
+    dst = os.fspath(dst)
+    with open_chain(src, "r", parent_dirs, strict=strict) as disk:
+        if to == "dynamic":
+            rep = _to_dynamic(disk, dst, block_size or disk.leaf.block_size or DEFAULT_BLOCK_SIZE, progress)
+        else:
+            rep = _to_flat(disk, dst, to == "fixed", progress)
+        rep.source = os.fspath(src)
+        rep.seconds = time.perf_counter() - t0
+        rep.file_size = os.path.getsize(dst)
+        return rep
+
+
+def _to_flat(disk: Disk, dst: str, fixed: bool, progress: ProgressFn | None) -> ConvertReport:
+    size = disk.size
+    total = sum(e.length for e in disk.allocated_extents())
+    done = read = written = skipped = 0
+    buf = bytearray(CHUNK)
+    mv = memoryview(buf)
+    with atomic_output(dst) as (fd, _tmp):
+        os.ftruncate(fd, size)  # sparse: holes read as zeros
+        for ext in disk.allocated_extents():
+            pos = ext.offset
+            while pos < ext.end:
+                n = min(CHUNK, ext.end - pos)
+                part = mv[:n]
+                disk.readinto(pos, part)
+                read += n
+                if K.is_zero(part):
+                    skipped += n
+                else:
+                    _pwrite_all(fd, part, pos)
+                    written += n
+                pos += n
+                done += n
+                if progress:
+                    progress(done, total)
+        if fixed:
+            os.pwrite(fd, make_footer(size, DiskType.FIXED, data_offset=NO_DATA_OFFSET).pack(), size)
+            written += FOOTER_SIZE
+    return ConvertReport("", dst, "fixed" if fixed else "raw", size, read, written, 0, skipped, 0, 0.0)
+
+
+def _to_dynamic(disk: Disk, dst: str, block_size: int, progress: ProgressFn | None) -> ConvertReport:
+    size = disk.size
+    _check_size(size, block_size)
+    blocks = np.fromiter(data_blocks(disk, block_size), dtype=np.int64)
+    total = int(len(blocks)) * block_size
+    bm_size = bitmap_bytes(block_size)
+    spb = block_size // SECTOR_SIZE
+    full_bitmap = bytearray(bm_size)
+    K.bitmap_set_range(full_bitmap, 0, spb)
+    buf = bytearray(block_size)
+    mv = memoryview(buf)
+    read = written = skipped = nblocks = 0
+    with atomic_output(dst) as (fd, _tmp):
+        end = write_dynamic_layout(fd, size, block_size)
+        pos = end - FOOTER_SIZE
+        mte = -(-size // block_size)
+        bat = np.full(mte, 0xFFFFFFFF, dtype=np.uint32)
+        for i, b in enumerate(blocks):
+            b = int(b)
+            start = b * block_size
+            n = min(block_size, size - start)
+            if n < block_size:
+                mv[n:] = bytes(block_size - n)
+            disk.readinto(start, mv[:n])
+            read += n
+            if K.is_zero(mv):
+                skipped += n
+            else:
+                # Data of every block starts page-aligned, like the blocks vhdcore appends elsewhere.
+                pos = -(-(pos + bm_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm_size
+                _pwritev_all(fd, [full_bitmap, mv], pos)
+                bat[b] = pos // SECTOR_SIZE
+                pos += bm_size + block_size
+                written += bm_size + block_size
+                nblocks += 1
+            if progress:
+                progress((i + 1) * block_size, total)
+        # Metadata after data: the BAT and the final footer point at blocks already written.
+        os.pwrite(fd, bat.astype(">u4").tobytes(), FOOTER_SIZE + HEADER_SIZE)
+        footer = os.pread(fd, FOOTER_SIZE, 0)
+        os.pwrite(fd, footer, pos)
+        os.ftruncate(fd, pos + FOOTER_SIZE)
+    return ConvertReport("", dst, "dynamic", size, read, written, nblocks, skipped, 0, 0.0)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
+    total = sum(len(b) for b in bufs)
+    done = os.pwritev(fd, bufs, offset)
+    if done < total:
+        flat = memoryview(b"".join(bytes(b) for b in bufs))
+        _pwrite_all(fd, flat[done:], offset + done)

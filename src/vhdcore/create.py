@@ -1,0 +1,204 @@
+"""Creating new VHD files: fixed, dynamic, and differencing children ("snapshots").
+
+Every new file is written under a temporary name in its target directory and renamed into place once complete,
+so a crash never leaves a half-made disk under the requested name.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .chain import Disk, open_chain
+from .geometry import geometry_for_new_disk, vhd_timestamp
+from .image import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, Image, _is_pow2
+from .structs import (
+    CREATOR_APP,
+    CREATOR_VERSION,
+    FEATURE_RESERVED,
+    FOOTER_SIZE,
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    HEADER_VERSION,
+    HOST_OS_WINDOWS,
+    NO_DATA_OFFSET,
+    SECTOR_SIZE,
+    DiskType,
+    DynamicHeader,
+    Footer,
+    ParentLocator,
+)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+DEFAULT_BLOCK_SIZE = 2 * MiB
+# The specification's limit for a VHD (Hyper-V refuses larger ones).
+MAX_CREATE_SIZE = 2040 * GiB
+_NIL_UUID = uuid.UUID(int=0)
+
+
+def _round_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def make_footer(size: int, disk_type: DiskType, *, data_offset: int, timestamp: int | None = None,
+                unique_id: uuid.UUID | None = None) -> Footer:
+    return Footer(
+        features=FEATURE_RESERVED,
+        format_version=FORMAT_VERSION,
+        data_offset=data_offset,
+        timestamp=vhd_timestamp() if timestamp is None else timestamp,
+        creator_app=CREATOR_APP,
+        creator_version=CREATOR_VERSION,
+        creator_os=HOST_OS_WINDOWS,  # the spec knows only Wi2k and Mac; Linux writers (qemu, vhd-util) say Wi2k
+        original_size=size,
+        current_size=size,
+        geometry=geometry_for_new_disk(size).pack(),
+        disk_type=int(disk_type),
+        checksum=0,
+        unique_id=unique_id or uuid.uuid4(),
+        saved_state=0,
+    ).with_checksum()
+
+
+def _check_size(size: int, block_size: int | None = None) -> None:
+    if not isinstance(size, int) or size <= 0 or size % SECTOR_SIZE:
+        raise ValueError(f"size must be a positive multiple of 512 bytes, not {size!r}")
+    if size > MAX_CREATE_SIZE:
+        raise ValueError(f"size {size} is over the VHD limit of 2040 GiB")
+    if block_size is not None and not (_is_pow2(block_size) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE):
+        raise ValueError(f"block size must be a power of two from 512 bytes to 256 MiB, not {block_size}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[tuple[int, str]]:
+    """An fd for a temporary file beside ``path``, renamed to ``path`` when the block ends without error."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        yield fd, tmp
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: DiskType = DiskType.DYNAMIC,
+                         parent: Image | None = None, locators: Sequence[tuple[bytes, bytes]] = (),
+                         parent_name: str = "", unique_id: uuid.UUID | None = None) -> int:
+    """Write footer copy, header, BAT (all unallocated), locator data and footer into an empty file.
+
+    Returns the file size. Layout: footer copy at 0, header at 512, BAT at 1536, locator data after the BAT
+    in whole sectors, footer. Blocks are appended later.
+    """
+    mte = -(-size // block_size)
+    table_offset = FOOTER_SIZE + HEADER_SIZE
+    bat_bytes = _round_up(mte * 4, SECTOR_SIZE)
+    pos = table_offset + bat_bytes
+    locs: list[ParentLocator] = []
+    loc_data: list[tuple[int, bytes]] = []
+    for code, data in locators:
+        space = _round_up(max(len(data), 1), SECTOR_SIZE)
+        # Data space in bytes, as Windows and Hyper-V write it (every reader accepts that form).
+        locs.append(ParentLocator(code, space, len(data), pos))
+        loc_data.append((pos, data))
+        pos += space
+    footer = make_footer(size, disk_type, data_offset=FOOTER_SIZE, unique_id=unique_id)
+    header = DynamicHeader(
+        data_offset=NO_DATA_OFFSET,
+        table_offset=table_offset,
+        header_version=HEADER_VERSION,
+        max_table_entries=mte,
+        block_size=block_size,
+        checksum=0,
+        parent_unique_id=parent.unique_id if parent is not None else _NIL_UUID,
+        parent_timestamp=vhd_timestamp(os.fstat(parent.fd).st_mtime) if parent is not None else 0,
+        parent_unicode_name_raw=DynamicHeader.encode_parent_name(parent_name),
+        parent_locators=tuple(locs),
+    )
+    fpacked = footer.pack()
+    os.pwrite(fd, fpacked, 0)
+    os.pwrite(fd, header.pack(), FOOTER_SIZE)
+    bat = np.full(bat_bytes // 4, 0xFFFFFFFF, dtype=">u4").tobytes()
+    os.pwrite(fd, bat, table_offset)
+    for off, data in loc_data:
+        os.pwrite(fd, data, off)
+    os.pwrite(fd, fpacked, pos)
+    return pos + FOOTER_SIZE
+
+
+def create(path: str | os.PathLike[str], size: int, type: str = "dynamic", block_size: int = DEFAULT_BLOCK_SIZE,
+           ) -> Disk:
+    """Create a fixed or dynamic VHD of ``size`` bytes; returns it opened "r+"."""
+    path = os.fspath(path)
+    if type not in ("dynamic", "fixed"):
+        raise ValueError(f"type must be 'dynamic' or 'fixed', not {type!r}")
+    _check_size(size, block_size if type == "dynamic" else None)
+    with atomic_output(path) as (fd, _tmp):
+        if type == "fixed":
+            # A sparse file: the data area reads as zeros without being written.
+            os.ftruncate(fd, size)
+            os.pwrite(fd, make_footer(size, DiskType.FIXED, data_offset=NO_DATA_OFFSET).pack(), size)
+        else:
+            write_dynamic_layout(fd, size, block_size)
+    return open_chain(path, "r+")
+
+
+def parent_locators_for(parent_path: str, child_path: str) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """The parent name and W2ku/W2ru/MacX locators a child at ``child_path`` records for ``parent_path``.
+
+    W2ru and MacX hold the path relative to the child (what resolution tries first); W2ku the absolute path
+    in Windows form. This is what Windows writes (W2ku + W2ru), plus the MacX that blktap's vhd-util writes.
+    """
+    parent_abs = os.path.abspath(parent_path)
+    rel = os.path.relpath(parent_abs, os.path.dirname(os.path.abspath(child_path)))
+    w2ru = ".\\" + rel.replace("/", "\\") if not rel.startswith("..") else rel.replace("/", "\\")
+    w2ku = parent_abs.replace("/", "\\")
+    macx = "file://./" + rel if not rel.startswith("..") else "file://" + parent_abs
+    locs = [
+        (b"W2ku", w2ku.encode("utf-16-le")),
+        (b"W2ru", w2ru.encode("utf-16-le")),
+        (b"MacX", macx.encode("utf-8")),
+    ]
+    return rel, locs
+
+
+def snapshot(parent: str | os.PathLike[str], child: str | os.PathLike[str], *,
+             block_size: int | None = None, parent_dirs: Sequence[str] | None = None) -> Disk:
+    """Create a differencing child of ``parent``; returns the child's chain opened "r+".
+
+    The child records the parent's unique id, its modification time (as blktap does; Windows writes 0) and its
+    name, with W2ku, W2ru and MacX locators.
+    """
+    parent = os.fspath(parent)
+    child = os.fspath(child)
+    if os.path.exists(child):
+        raise FileExistsError(f"{child} already exists")
+    # Opening the parent's whole chain checks that it is usable before anything is written.
+    with open_chain(parent, "r", parent_dirs=parent_dirs) as pdisk:
+        pimg = pdisk.leaf
+        bs = block_size or pimg.block_size or DEFAULT_BLOCK_SIZE
+        _check_size(pdisk.size, bs)
+        name, locs = parent_locators_for(parent, child)
+        with atomic_output(child) as (fd, _tmp):
+            write_dynamic_layout(fd, pdisk.size, bs, disk_type=DiskType.DIFFERENCING, parent=pimg, locators=locs,
+                                 parent_name=name if len(name) <= 255 else os.path.basename(parent))
+    dirs = [os.path.dirname(os.path.abspath(parent))] + list(parent_dirs or [])
+    return open_chain(child, "r+", parent_dirs=dirs)

@@ -1,0 +1,137 @@
+"""vhdcore's exception hierarchy.
+
+Every error vhdcore raises about a disk names the file, the byte offset and the field involved, so that a
+pipeline log line is enough to find the problem with a hex editor. OS errors (permissions, ENOSPC) pass
+through unchanged.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+__all__ = [
+    "VHDError",
+    "InvalidFormatError",
+    "ChecksumError",
+    "CorruptImageError",
+    "UnsupportedFeatureError",
+    "ChainError",
+    "ParentNotFoundError",
+    "ParentMismatchError",
+    "ChainCycleError",
+    "UnsafeOperationError",
+    "ReadOnlyError",
+    "LockError",
+    "VerificationError",
+]
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, bytes):
+        return repr(value[:32]) + ("..." if len(value) > 32 else "")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value} (0x{value:x})" if value >= 0 else str(value)
+    return repr(value)
+
+
+class VHDError(Exception):
+    """Base of all vhdcore errors.
+
+    ``path``, ``offset`` (byte offset in the file), ``field`` and ``value`` are filled in whenever they are
+    known; ``str()`` names all of them in one line.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        offset: int | None = None,
+        field: str | None = None,
+        value: Any = None,
+    ) -> None:
+        self.message = message
+        self.path = os.fspath(path) if path is not None else None
+        self.offset = offset
+        self.field = field
+        self.value = value
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        where = []
+        if self.path is not None:
+            where.append(self.path)
+        if self.offset is not None:
+            where.append(f"offset {self.offset}")
+        if self.field is not None:
+            where.append(f"field {self.field}")
+        text = self.message
+        if self.field is not None and self.value is not None:
+            text += f" (value {_fmt_value(self.value)})"
+        return f"{': '.join([', '.join(where)] if where else [])}{': ' if where else ''}{text}"
+
+
+class InvalidFormatError(VHDError, ValueError):
+    """A structure does not follow the VHD format (cookie, version, size, range)."""
+
+
+class ChecksumError(InvalidFormatError):
+    """A footer or dynamic header checksum does not match its contents."""
+
+    def __init__(self, message: str, *, structure: str, expected: int, actual: int, **kw: Any) -> None:
+        kw.setdefault("field", "checksum")
+        kw.setdefault("value", actual)
+        super().__init__(message, **kw)
+        self.structure = structure
+        self.expected = expected
+        self.actual = actual
+
+
+class CorruptImageError(InvalidFormatError):
+    """The structures parse but contradict the file: BAT past EOF, overlapping blocks, truncation."""
+
+
+class UnsupportedFeatureError(VHDError):
+    """A valid file that vhdcore does not handle (split VHD, saved state, VHDX given as VHD)."""
+
+
+class ChainError(VHDError):
+    """Something is wrong with the parent/child relationship of a differencing chain."""
+
+
+class ParentNotFoundError(ChainError, FileNotFoundError):
+    """No candidate from the locators or the parent unicode name exists in the allowed directories."""
+
+    def __init__(self, message: str, *, tried: Sequence[str] = (), **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.tried = list(tried)
+
+    def __str__(self) -> str:  # FileNotFoundError would otherwise format errno/filename
+        text = VHDError.__str__(self)
+        if self.tried:
+            text += f" (tried: {', '.join(self.tried)})"
+        return text
+
+
+class ParentMismatchError(ChainError):
+    """The parent's unique id is not the one the child recorded: the parent was replaced."""
+
+
+class ChainCycleError(ChainError):
+    """A chain that loops back on itself or is deeper than any sane chain."""
+
+
+class UnsafeOperationError(ChainError):
+    """An operation that would change what another disk sees, or lose data; overridable with force."""
+
+
+class ReadOnlyError(VHDError):
+    """A write was attempted on a disk opened read-only."""
+
+
+class LockError(VHDError):
+    """Another process holds the writer lock on the file."""
+
+
+class VerificationError(VHDError):
+    """Content after an operation differs from the content before it."""

@@ -1,0 +1,43 @@
+"""The run type every operation consumes: which layer (or nothing: zeros) holds a range of the virtual disk."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .image import Image
+
+
+class Extent(NamedTuple):
+    offset: int  # virtual disk offset
+    length: int
+    layer: Optional["Image"]  # None: the run reads as zeros (nothing allocated anywhere in the chain)
+    depth: int  # index of ``layer`` in the chain (0 = leaf), -1 for zeros
+    file_offset: int  # where the run starts in ``layer``'s file, -1 for zeros
+
+    @property
+    def is_zero(self) -> bool:
+        return self.layer is None
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def merge_zero_runs(extents: Iterable[Extent]) -> Iterator[Extent]:
+    """Join consecutive zero runs (the layer walk yields one per gap per layer)."""
+    pending: Extent | None = None
+    for ext in extents:
+        if ext.layer is None:
+            if pending is not None and pending.end == ext.offset:
+                pending = pending._replace(length=pending.length + ext.length)
+                continue
+            if pending is not None:
+                yield pending
+            pending = ext
+            continue
+        if pending is not None:
+            yield pending
+            pending = None
+        yield ext
+    if pending is not None:
+        yield pending
