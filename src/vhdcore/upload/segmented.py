@@ -1,0 +1,458 @@
+"""The machinery Swift SLO and S3 multipart uploads share: spooled segments, bounded parallel PUTs, retries.
+
+The stream is cut into segments as it arrives. Each segment is spooled to a
+:class:`tempfile.SpooledTemporaryFile` (in memory up to ``spool_memory``, then on local disk), so a failed
+PUT can be sent again without holding gigabytes in RAM or asking the producer to go back. A sealed segment
+is handed to a pool of ``concurrency`` upload threads; the writer blocks once ``concurrency`` segments wait
+or travel, so at most ``concurrency + 1`` spools exist at a time.
+
+Each segment's md5 is computed locally (in its upload thread, off the writer's path), sent with the PUT so
+the store can check what it received, and compared with the etag the store returns; a mismatch, a
+connection error or a 5xx/408/429 is retried with exponential backoff up to ``attempts`` times, then the
+upload fails with :class:`~vhdcore.upload.UploadError`. On any failure, and on ``abort()``, every segment
+that may have reached the store is deleted.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import IO, Any, Callable, TypeVar
+
+from ..progress import ProgressCallback, as_progress
+from . import Sink, UploadError, UploadResult
+
+__all__ = ["SegmentedSink", "Segment", "EtagMismatch"]
+
+log = logging.getLogger("vhdcore.upload")
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_READ_PIECE = 1 * MiB
+T = TypeVar("T")
+
+
+class EtagMismatch(Exception):
+    """The store returned an etag other than the md5 we computed for the bytes we sent."""
+
+    def __init__(self, expected: str, received: str | None) -> None:
+        super().__init__(f"etag mismatch: sent md5 {expected}, store returned {received!r}")
+        self.expected = expected
+        self.received = received
+
+
+class _Aborted(Exception):
+    """Internal: the sink is being aborted; stop retrying."""
+
+
+class Segment:
+    """One piece of the stream: ``index`` (0-based), ``offset`` in the stream, ``size``, spool and md5."""
+
+    __slots__ = ("index", "offset", "size", "spool", "md5", "etag", "name", "attempted", "extra")
+
+    def __init__(self, index: int, offset: int, spool: IO[bytes] | None, size: int) -> None:
+        self.index = index
+        self.offset = offset
+        self.size = size
+        self.spool = spool
+        self.md5: str | None = None
+        self.etag: str | None = None
+        self.name: str = ""
+        self.attempted = False  # a PUT was started, so the store may hold it
+        self.extra: dict[str, Any] = {}
+
+    def compute_md5(self) -> str:
+        assert self.spool is not None
+        h = hashlib.md5()
+        self.spool.seek(0)
+        while True:
+            piece = self.spool.read(_READ_PIECE)
+            if not piece:
+                break
+            h.update(piece)
+        self.md5 = h.hexdigest()
+        return self.md5
+
+    def release(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+
+class CountingReader:
+    """A read-only view of a spool that reports bytes read (once per position, so rewinds don't recount)."""
+
+    def __init__(self, spool: IO[bytes], size: int, on_read: Callable[[int], None]) -> None:
+        self._f = spool
+        self._size = size
+        self._on_read = on_read
+        self._pos = 0
+        self.reported = 0
+        spool.seek(0)
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._size - self._pos
+        if n is None or n < 0 or n > left:
+            n = left
+        data = self._f.read(n) if n else b""
+        self._pos += len(data)
+        if self._pos > self.reported:
+            self._on_read(self._pos - self.reported)
+            self.reported = self._pos
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 1:
+            offset += self._pos
+        elif whence == 2:
+            offset += self._size
+        self._pos = max(0, min(offset, self._size))
+        self._f.seek(self._pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class SegmentedSink(Sink):
+    """Base of the segmented remote sinks; see the module docstring. Subclasses implement the hooks."""
+
+    kind = "segmented"
+    #: store limits, checked against the options
+    MIN_SEGMENT = 64 * KiB
+    MAX_SEGMENT = 5 * GiB
+    MAX_SEGMENTS = 1000
+
+    def __init__(
+        self,
+        destination: str,
+        *,
+        segment_size: int,
+        concurrency: int = 2,
+        attempts: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 16.0,
+        spool_memory: int = 64 * MiB,
+        spool_dir: str | None = None,
+        single_put_below: int | None = None,
+        max_segments: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        if not self.MIN_SEGMENT <= segment_size <= self.MAX_SEGMENT:
+            raise ValueError(
+                f"segment_size must be between {self.MIN_SEGMENT} and {self.MAX_SEGMENT} bytes, not {segment_size}"
+            )
+        if concurrency < 1 or concurrency > 64:
+            raise ValueError(f"concurrency must be 1-64, not {concurrency}")
+        if attempts < 1 or attempts > 100:
+            raise ValueError(f"attempts must be 1-100, not {attempts}")
+        if backoff < 0 or max_backoff < 0:
+            raise ValueError("backoff must be >= 0")
+        self.destination = destination
+        self.segment_size = segment_size
+        self.concurrency = concurrency
+        self.attempts = attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.spool_memory = spool_memory
+        self.spool_dir = spool_dir
+        # Streams shorter than this (by default: shorter than one segment) go up as one plain PUT.
+        self.single_put_below = segment_size if single_put_below is None else single_put_below
+        self.max_segments = self.MAX_SEGMENTS if max_segments is None else max_segments
+        self.progress = as_progress(progress)
+        self.bytes_written = 0
+        self.bytes_sent = 0
+        self.closed = False
+        self.result: UploadResult | None = None
+        self.retries: list[tuple[int, int, str]] = []
+        self.segments: list[Segment] = []
+        self._spool: IO[bytes] | None = None
+        self._spool_len = 0
+        self._begun = False
+        self._closing = False
+        self._aborting = threading.Event()
+        self._error: BaseException | None = None
+        self._inflight: set[Future[None]] = set()
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"vhdcore-{self.kind}")
+
+    # ------------------------------------------------------------------ hooks
+    def _begin(self) -> None:
+        """Before the first segment PUT (in the writer's thread): create containers / the multipart upload."""
+
+    def _segment_name(self, seg: Segment) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _segment_path(self, seg: Segment) -> str:
+        """How the result names a segment (default: its name)."""
+        return seg.name
+
+    def _put_segment(self, seg: Segment, body: CountingReader) -> str:  # pragma: no cover - abstract
+        """PUT one segment with ``seg.md5`` as its expected etag; return the etag the store reports."""
+        raise NotImplementedError
+
+    def _put_single(self, body: CountingReader, size: int, md5: str) -> str:  # pragma: no cover - abstract
+        """PUT the whole (short) stream as one object; return the etag the store reports."""
+        raise NotImplementedError
+
+    def _complete(self, segments: list[Segment]) -> tuple[str | None, dict[str, Any]]:  # pragma: no cover
+        """Commit the segments (manifest / complete multipart); return (object etag, extra result fields)."""
+        raise NotImplementedError
+
+    def _cleanup(self, segments: list[Segment]) -> None:  # pragma: no cover - abstract
+        """Remove the given (possibly) uploaded segments and anything else this upload left behind."""
+        raise NotImplementedError
+
+    def _is_retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, (EtagMismatch, ConnectionError, TimeoutError, OSError))
+
+    def _describe(self, exc: BaseException) -> tuple[str, Any]:
+        """(field, value) naming what failed, for UploadError."""
+        if isinstance(exc, EtagMismatch):
+            return "etag", exc.received
+        return "request", f"{type(exc).__name__}: {exc}"
+
+    # ------------------------------------------------------------------ writer side
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closed or self._closing:
+            raise ValueError(f"sink is closed: {self.destination}")
+        self._raise_if_failed()
+        mv = memoryview(data).cast("B")
+        n = mv.nbytes
+        pos = 0
+        while pos < n:
+            if self._spool is None:
+                self._spool = tempfile.SpooledTemporaryFile(
+                    max_size=min(self.spool_memory, self.segment_size), dir=self.spool_dir, prefix="vhdcore-seg-"
+                )
+                self._spool_len = 0
+            take = min(self.segment_size - self._spool_len, n - pos)
+            self._spool.write(mv[pos : pos + take])
+            self._spool_len += take
+            pos += take
+            if self._spool_len == self.segment_size:
+                self._seal()
+        self.bytes_written += n
+        self._report()
+
+    def _seal(self) -> None:
+        """Hand the current spool to the upload pool; block while ``concurrency`` segments are pending."""
+        assert self._spool is not None
+        if len(self.segments) >= self.max_segments:
+            err = UploadError(
+                f"stream needs more than {self.max_segments} segments of {self.segment_size} bytes; "
+                "use a larger segment size",
+                path=self.destination, offset=self.bytes_written, field="segment_size", value=self.segment_size,
+            )
+            self._fail(err)
+        if not self._begun:
+            try:
+                self._begin()
+            except Exception as exc:
+                self._fail(self._as_upload_error(exc, "starting the upload", None))
+            self._begun = True
+        offset = sum(s.size for s in self.segments)
+        seg = Segment(len(self.segments), offset, self._spool, self._spool_len)
+        seg.name = self._segment_name(seg)
+        self.segments.append(seg)
+        self._spool = None
+        self._spool_len = 0
+        self._inflight.add(self._pool.submit(self._upload_segment, seg))
+        while len(self._inflight) > self.concurrency:
+            self._wait_some()
+        self._reap()
+
+    def _wait_some(self, all_of_them: bool = False) -> None:
+        done, _ = wait(self._inflight, return_when="ALL_COMPLETED" if all_of_them else FIRST_COMPLETED)
+        self._inflight -= done
+        for fut in done:
+            exc = fut.exception()
+            if exc is not None and self._error is None:
+                self._error = exc
+        self._raise_if_failed()
+
+    def _reap(self) -> None:
+        done = {f for f in self._inflight if f.done()}
+        if done:
+            self._inflight -= done
+            for fut in done:
+                exc = fut.exception()
+                if exc is not None and self._error is None:
+                    self._error = exc
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            self._fail(self._error)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Abort (removing what was uploaded) and raise ``exc``."""
+        self.abort()
+        raise exc
+
+    def _report(self) -> None:
+        with self._lock:
+            sent = self.bytes_sent
+        total = self.bytes_written if self._closing else None
+        self.progress(sent, total, state="uploading", written=self.bytes_written, destination=self.destination)
+
+    def _on_sent(self, n: int) -> None:
+        with self._lock:
+            self.bytes_sent += n
+        self._report()
+
+    # ------------------------------------------------------------------ upload side
+    def _with_retries(self, what: str, seg: Segment | None, attempt_fn: Callable[[], T]) -> T:
+        index = seg.index if seg is not None else -1
+        for attempt in range(1, self.attempts + 1):
+            if self._aborting.is_set():
+                raise _Aborted()
+            try:
+                return attempt_fn()
+            except _Aborted:
+                raise
+            except Exception as exc:
+                if not self._is_retryable(exc) or attempt == self.attempts or self._aborting.is_set():
+                    raise self._as_upload_error(exc, what, seg, attempt) from exc
+                reason = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self.retries.append((index, attempt, reason))
+                delay = min(self.backoff * (2 ** (attempt - 1)), self.max_backoff)
+                log.warning("%s: %s failed (attempt %d/%d), retrying in %.2fs: %s",
+                            self.destination, what, attempt, self.attempts, delay, reason)
+                if self._aborting.wait(delay):
+                    raise _Aborted() from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _as_upload_error(self, exc: BaseException, what: str, seg: Segment | None, attempt: int = 1) -> UploadError:
+        if isinstance(exc, UploadError):
+            return exc
+        field, value = self._describe(exc)
+        tries = f" after {attempt} attempt{'s' if attempt != 1 else ''}" if attempt > 1 else ""
+        return UploadError(
+            f"{what} failed{tries}: {exc}",
+            path=self.destination, offset=seg.offset if seg is not None else None, field=field, value=value,
+        )
+
+    def _send(self, seg: Segment, put: Callable[[CountingReader], str]) -> str:
+        """One attempt: PUT the spool through a counting reader, check the etag; undo progress on failure."""
+        assert seg.spool is not None and seg.md5 is not None
+        body = CountingReader(seg.spool, seg.size, self._on_sent)
+        try:
+            etag = put(body)
+        except BaseException:
+            self._on_sent(-body.reported)
+            raise
+        if (etag or "").strip('"').lower() != seg.md5:
+            self._on_sent(-body.reported)
+            raise EtagMismatch(seg.md5, etag)
+        return seg.md5
+
+    def _upload_segment(self, seg: Segment) -> None:
+        if self._aborting.is_set():
+            raise _Aborted()
+        seg.compute_md5()
+
+        def attempt() -> str:
+            seg.attempted = True
+            return self._send(seg, lambda body: self._put_segment(seg, body))
+
+        try:
+            seg.etag = self._with_retries(f"PUT of segment {seg.index} ({seg.name})", seg, attempt)
+        finally:
+            seg.release()
+
+    # ------------------------------------------------------------------ commit / abort
+    def close(self) -> UploadResult:
+        if self.closed:
+            if self.result is None:
+                raise ValueError(f"upload was aborted: {self.destination}")
+            return self.result
+        self._raise_if_failed()
+        self._closing = True
+        try:
+            if not self.segments and self._spool_len < self.single_put_below:
+                etag, extra, segs = self._close_single(), {}, []
+            else:
+                if self._spool is not None and self._spool_len:
+                    self._seal()
+                elif self._spool is not None:
+                    self._spool.close()
+                    self._spool = None
+                while self._inflight:
+                    self._wait_some(all_of_them=True)
+                etag, extra = self._complete(self.segments)
+                segs = [
+                    {"path": self._segment_path(s), "etag": s.etag, "size_bytes": s.size, **s.extra}
+                    for s in self.segments
+                ]
+        except _Aborted:
+            raise self._as_upload_error(RuntimeError("aborted"), "upload", None)
+        except BaseException as exc:
+            if not self.closed:
+                self.abort()
+            if isinstance(exc, Exception) and not isinstance(exc, (UploadError, ValueError)):
+                raise self._as_upload_error(exc, "commit", None) from exc
+            raise
+        self._pool.shutdown(wait=True)
+        self.closed = True
+        self.result = UploadResult(
+            destination=self.destination,
+            size=self.bytes_written,
+            etag=etag,
+            segments=segs,
+            retries=list(self.retries),
+            elapsed=time.monotonic() - self._t0,
+            extra=extra,
+        )
+        self._report()
+        return self.result
+
+    def _close_single(self) -> str:
+        spool = self._spool
+        if spool is None:
+            spool = tempfile.SpooledTemporaryFile(max_size=1, dir=self.spool_dir)
+        seg = Segment(-1, 0, spool, self._spool_len)
+        self._spool = None
+        seg.compute_md5()
+        try:
+            return self._with_retries(
+                "PUT of the object", seg,
+                lambda: self._send(seg, lambda body: self._put_single(body, seg.size, seg.md5 or "")),
+            )
+        finally:
+            seg.release()
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._aborting.set()
+        for fut in self._inflight:
+            fut.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._inflight.clear()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        for seg in self.segments:
+            seg.release()
+        try:
+            self._cleanup([s for s in self.segments if s.attempted])
+        except Exception as exc:  # cleanup is best effort; the original error matters more
+            log.warning("%s: cleanup after abort failed: %s", self.destination, exc)

@@ -1,0 +1,278 @@
+"""Upload to OpenStack Swift (Rackspace Cloud Files) as a Static Large Object.
+
+``swift://container/object`` becomes: segments ``<container>_segments/<object>/<timestamp>/<n>`` (n counted
+from 0, eight digits, so they list in order), each PUT with its md5 as ``ETag`` (Swift itself rejects a
+body that does not match with 422) and the returned etag checked again here; then the SLO manifest
+(``?multipart-manifest=put``) listing ``path``/``etag``/``size_bytes`` of every segment; then a HEAD that
+checks the object's size and its etag (the md5 of the concatenated segment md5s, as Swift defines it).
+A stream shorter than one segment is stored as a plain object with a single PUT.
+
+Authentication: TempAuth/Swauth v1 (``ST_AUTH``/``ST_USER``/``ST_KEY`` in the environment, or
+``auth_url``/``user``/``key``), or a ready ``storage_url`` + ``auth_token`` (``OS_STORAGE_URL``/
+``OS_AUTH_TOKEN``). One python-swiftclient ``Connection`` per upload thread (they are not thread-safe),
+sharing the token obtained once; a 401 makes swiftclient re-authenticate once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from typing import Any
+
+from . import UploadError
+from .segmented import CountingReader, EtagMismatch, Segment, SegmentedSink
+
+__all__ = ["SwiftSink", "slo_etag"]
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# HTTP statuses worth another attempt: timeouts, throttling, 422 (Swift's "the body did not match ETag",
+# i.e. damaged in transit), 498/499 (rate limit / client disconnect as Swift reports them) and 5xx.
+_RETRY_STATUS = {408, 422, 429, 498, 499}
+
+
+def slo_etag(segment_md5s: list[str]) -> str:
+    """The etag Swift reports for an SLO: md5 of the concatenated hex md5s of its segments."""
+    return hashlib.md5("".join(segment_md5s).encode("ascii")).hexdigest()
+
+
+class SwiftSink(SegmentedSink):
+    """Stream to ``swift://container/object`` as an SLO (see the module docstring).
+
+    Options: ``segment_size`` (default 1 GiB, at most 5 GiB, Swift's object size limit),
+    ``segment_container`` (default ``<container>_segments``), ``concurrency`` (parallel segment PUTs, default
+    2), ``attempts``/``backoff`` (per request), ``spool_memory``/``spool_dir`` (where sealed segments wait),
+    ``create_container`` (default True), ``content_type``, ``headers`` (extra headers for the object, e.g.
+    ``X-Object-Meta-*``), ``timeout`` (seconds per socket operation), ``insecure``, ``progress``.
+    """
+
+    kind = "swift"
+    MIN_SEGMENT = 64 * KiB
+    MAX_SEGMENT = 5 * GiB
+    MAX_SEGMENTS = 1000  # Swift's default max_manifest_segments
+
+    def __init__(
+        self,
+        container: str,
+        obj: str,
+        *,
+        auth_url: str | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        storage_url: str | None = None,
+        auth_token: str | None = None,
+        auth_version: str = "1.0",
+        segment_size: int = 1 * GiB,
+        segment_container: str | None = None,
+        create_container: bool = True,
+        content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+        timeout: float | None = 60.0,
+        insecure: bool = False,
+        **opts: Any,
+    ) -> None:
+        if not container or "/" in container:
+            raise ValueError(f"invalid Swift container name: {container!r}")
+        if not obj:
+            raise ValueError("empty Swift object name")
+        super().__init__(f"swift://{container}/{obj}", segment_size=segment_size, **opts)
+        self.container = container
+        self.obj = obj
+        self.segment_container = segment_container or f"{container}_segments"
+        self.create_container = create_container
+        self.content_type = content_type
+        self.headers = dict(headers or {})
+        self._conn_args: dict[str, Any] = dict(
+            authurl=auth_url or os.environ.get("ST_AUTH"),
+            user=user or os.environ.get("ST_USER"),
+            key=key or os.environ.get("ST_KEY"),
+            preauthurl=storage_url or os.environ.get("OS_STORAGE_URL"),
+            preauthtoken=auth_token or os.environ.get("OS_AUTH_TOKEN"),
+            auth_version=auth_version,
+            timeout=timeout,
+            insecure=insecure,
+            retries=0,  # our own retry loop decides (it also checks etags and rewinds spools)
+        )
+        if not self._conn_args["preauthtoken"] and not all(
+            self._conn_args[k] for k in ("authurl", "user", "key")
+        ):
+            raise ValueError("Swift credentials missing: set ST_AUTH/ST_USER/ST_KEY or pass auth_url/user/key")
+        # Each upload gets its own timestamped prefix, so a retried export never mixes segments with a
+        # previous attempt's and abort() deletes only its own.
+        self.prefix = f"{obj}/{time.time():.6f}"
+        self._local = threading.local()
+        self._auth_lock = threading.Lock()
+        self._manifest_put = False
+
+    # -- connections
+    def _authenticate(self) -> tuple[str, str]:
+        with self._auth_lock:
+            if not (self._conn_args["preauthurl"] and self._conn_args["preauthtoken"]):
+                from swiftclient import client as sc
+
+                conn = sc.Connection(**self._conn_args)
+                url, token = conn.get_auth()
+                conn.close()
+                self._conn_args["preauthurl"], self._conn_args["preauthtoken"] = url, token
+            return self._conn_args["preauthurl"], self._conn_args["preauthtoken"]
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            from swiftclient import client as sc
+
+            self._authenticate()
+            conn = sc.Connection(**self._conn_args)
+            self._local.conn = conn
+        return conn
+
+    def _drop_conn(self) -> None:
+        """After a failed request the HTTP connection may be mid-stream; the next attempt starts afresh."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+            self._local.conn = None
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._conn(), method)(*args, **kwargs)
+        except BaseException:
+            self._drop_conn()
+            raise
+
+    # -- policy
+    def _is_retryable(self, exc: BaseException) -> bool:
+        from swiftclient.exceptions import ClientException
+
+        try:
+            from requests.exceptions import RequestException
+        except ImportError:  # pragma: no cover - swiftclient depends on requests
+            RequestException = OSError  # type: ignore[misc,assignment]
+        if isinstance(exc, ClientException):
+            status = exc.http_status
+            return status is None or status >= 500 or status in _RETRY_STATUS
+        return isinstance(exc, (EtagMismatch, RequestException, ConnectionError, TimeoutError, OSError))
+
+    def _describe(self, exc: BaseException) -> tuple[str, Any]:
+        from swiftclient.exceptions import ClientException
+
+        if isinstance(exc, ClientException) and exc.http_status is not None:
+            return "http_status", f"{exc.http_status} {exc.http_reason or ''}".strip()
+        return super()._describe(exc)
+
+    # -- hooks
+    def _begin(self) -> None:
+        if self.create_container:
+            for c in (self.container, self.segment_container):
+                self._with_retries(f"PUT of container {c}", None, lambda c=c: self._call("put_container", c))
+
+    def _segment_name(self, seg: Segment) -> str:
+        return f"{self.prefix}/{seg.index:08d}"
+
+    def _put_segment(self, seg: Segment, body: CountingReader) -> str:
+        return self._call(
+            "put_object", self.segment_container, seg.name, contents=body, content_length=seg.size,
+            etag=seg.md5, chunk_size=256 * KiB, content_type="application/octet-stream",
+        )
+
+    def _segment_path(self, seg: Segment) -> str:
+        return f"/{self.segment_container}/{seg.name}"
+
+    def _put_single(self, body: CountingReader, size: int, md5: str) -> str:
+        if self.create_container:
+            self._with_retries(f"PUT of container {self.container}", None,
+                               lambda: self._call("put_container", self.container))
+        etag = self._call(
+            "put_object", self.container, self.obj, contents=body, content_length=size, etag=md5,
+            chunk_size=256 * KiB, content_type=self.content_type, headers=self.headers,
+        )
+        # From here the name holds our bytes (an older object there is gone), so a failed check deletes it.
+        self._manifest_put = True
+        return etag
+
+    def _close_single(self) -> str:
+        etag = super()._close_single()
+        self._check_head(etag, self.bytes_written, slo=False)
+        return etag
+
+    def _complete(self, segments: list[Segment]) -> tuple[str | None, dict[str, Any]]:
+        manifest = [
+            {"path": f"/{self.segment_container}/{s.name}", "etag": s.etag, "size_bytes": s.size} for s in segments
+        ]
+        body = json.dumps(manifest).encode()
+        expected = slo_etag([s.etag or "" for s in segments])
+
+        def put_manifest() -> str:
+            etag = self._call(
+                "put_object", self.container, self.obj, contents=body, content_type=self.content_type,
+                headers=self.headers, query_string="multipart-manifest=put",
+            )
+            self._manifest_put = True
+            return etag
+
+        self._with_retries("PUT of the SLO manifest", None, put_manifest)
+        self._check_head(expected, sum(s.size for s in segments), slo=True)
+        return expected, {"segment_container": self.segment_container, "manifest_segments": len(segments)}
+
+    def _check_head(self, etag: str, size: int, slo: bool) -> None:
+        """The store's view of the committed object must match what we sent: size and etag."""
+        hdrs = self._with_retries("HEAD of the object", None, lambda: self._call("head_object", self.container, self.obj))
+        got_size = int(hdrs.get("content-length", -1))
+        got_etag = hdrs.get("etag", "").strip('"')
+        if got_size != size:
+            raise UploadError("uploaded object has the wrong size", path=self.destination,
+                              field="content-length", value=got_size)
+        if got_etag != etag:
+            raise UploadError(f"uploaded object's etag differs from ours ({etag})", path=self.destination,
+                              field="etag", value=got_etag)
+        if slo and str(hdrs.get("x-static-large-object", "")).lower() != "true":
+            raise UploadError("uploaded object is not a Static Large Object", path=self.destination,
+                              field="x-static-large-object", value=hdrs.get("x-static-large-object"))
+
+    def _cleanup(self, segments: list[Segment]) -> None:
+        from swiftclient.exceptions import ClientException
+
+        def delete(container: str, name: str, **kw: Any) -> None:
+            try:
+                self._with_cleanup_retries(container, name, **kw)
+            except ClientException as exc:
+                if exc.http_status != 404:
+                    raise
+
+        failures = []
+        if self._manifest_put:
+            try:
+                delete(self.container, self.obj)  # the manifest (or plain object) only; segments below
+            except Exception as exc:
+                failures.append(f"{self.container}/{self.obj}: {exc}")
+        for s in segments:
+            try:
+                delete(self.segment_container, s.name)
+            except Exception as exc:
+                failures.append(f"{self.segment_container}/{s.name}: {exc}")
+        if failures:
+            raise UploadError(f"could not delete {len(failures)} object(s): {'; '.join(failures[:5])}",
+                              path=self.destination, field="cleanup", value=len(failures))
+
+    def _with_cleanup_retries(self, container: str, name: str, **kw: Any) -> None:
+        # abort() has set the aborting flag, which stops _with_retries; deletes get their own short loop.
+        from swiftclient.exceptions import ClientException
+
+        for attempt in range(1, 4):
+            try:
+                self._call("delete_object", container, name, **kw)
+                return
+            except ClientException as exc:
+                if exc.http_status == 404 or not self._is_retryable(exc) or attempt == 3:
+                    raise
+            except Exception as exc:
+                if not self._is_retryable(exc) or attempt == 3:
+                    raise
+            time.sleep(min(self.backoff * attempt, 2.0))
