@@ -44,6 +44,7 @@ __all__ = [
     "ZstdCompressor",
     "NullCompressor",
     "open_compressor",
+    "broadcast",
     "COMPRESSIONS",
     "DEFAULT_LEVELS",
     "EXTENSIONS",
@@ -337,6 +338,17 @@ class ZstdCompressor(Compressor):
         with self._lock:
             self.closed = True
             self._emit(self._cobj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
+
+
+def broadcast(*outputs: Output) -> Callable[[bytes], None]:
+    """One output that hands every piece to several (e.g. a digest thread and an upload sink), in order."""
+    fns = [_output_callable(o) for o in outputs]
+
+    def _all(data: bytes) -> None:
+        for fn in fns:
+            fn(data)
+
+    return _all
 
 
 def open_compressor(
