@@ -49,6 +49,10 @@ class FaultProxy:
 
     def close(self) -> None:
         self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in the other thread
+        except OSError:
+            pass
         self._listener.close()
         with self._lock:
             conns = list(self._conns)
