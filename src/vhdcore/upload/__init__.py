@@ -7,6 +7,8 @@ get an :class:`UploadResult`, ``abort()`` to leave nothing behind. :func:`open_s
 * ``swift://container/object/name``: :class:`~vhdcore.upload.swift.SwiftSink`
 * ``s3://bucket/key``: :class:`~vhdcore.upload.s3.S3Sink`
 
+:func:`~vhdcore.upload.pipeline.deliver` runs the whole pipeline (compress, digest, store) in one call.
+
 A sink is also a callable (``sink(data)`` is ``sink.write(data)``), so it can be a compressor's output, and a
 context manager that commits on a clean exit and aborts on an exception.
 
@@ -22,7 +24,7 @@ from typing import Any
 
 from ..exceptions import VHDError
 
-__all__ = ["Sink", "UploadResult", "UploadError", "open_sink", "parse_destination"]
+__all__ = ["Sink", "UploadResult", "UploadError", "open_sink", "parse_destination", "deliver", "DeliveryResult"]
 
 
 class UploadError(VHDError):
@@ -134,3 +136,12 @@ def open_sink(dest: str | os.PathLike[str], **opts: Any) -> Sink:
     from .s3 import S3Sink
 
     return S3Sink(container, name, **opts)
+
+
+def __getattr__(name: str) -> Any:
+    # deliver() pulls in the compressors; load it only when asked for.
+    if name in ("deliver", "DeliveryResult"):
+        from . import pipeline as _mod
+
+        return getattr(_mod, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any
 
-from . import UploadError
+from . import UploadError, UploadResult
 from .segmented import CountingReader, EtagMismatch, Segment, SegmentedSink
 
 __all__ = ["SwiftSink", "slo_etag"]
@@ -106,6 +106,7 @@ class SwiftSink(SegmentedSink):
         self.prefix = f"{obj}/{time.time():.6f}"
         self._local = threading.local()
         self._auth_lock = threading.Lock()
+        self._conns: list[Any] = []  # every Connection made, so close/abort can close them all
         self._manifest_put = False
 
     # -- connections
@@ -128,7 +129,30 @@ class SwiftSink(SegmentedSink):
             self._authenticate()
             conn = sc.Connection(**self._conn_args)
             self._local.conn = conn
+            with self._auth_lock:
+                self._conns.append(conn)
         return conn
+
+    def _close_connections(self) -> None:
+        with self._auth_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def close(self) -> UploadResult:
+        try:
+            return super().close()
+        finally:
+            self._close_connections()
+
+    def abort(self) -> None:
+        try:
+            super().abort()
+        finally:
+            self._close_connections()
 
     def _drop_conn(self) -> None:
         """After a failed request the HTTP connection may be mid-stream; the next attempt starts afresh."""
