@@ -230,3 +230,27 @@ def test_too_many_segments_is_refused(swift_server: SwiftServer) -> None:
         sink.write(b"\0" * (4 * 64 * KiB))
     assert ei.value.field == "segment_size"
     assert segments_under(swift_server.connection(), "images_segments", sink.prefix + "/") == []
+
+
+def test_replacing_an_slo_deletes_its_old_segments(swift_server: SwiftServer, disk_bytes: bytes) -> None:
+    conn = swift_server.connection()
+    first, _ = upload("swift://images/replaced.raw", disk_bytes[: 2 * MiB + 1], segment_size=1 * MiB,
+                      **creds(swift_server))
+    assert len(segments_under(conn, "images_segments", first.prefix + "/")) == 3
+    # kept on request (e.g. another manifest shares them)
+    kept, r = upload("swift://images/replaced.raw", disk_bytes[: 2 * MiB], segment_size=1 * MiB,
+                     leave_old_segments=True, **creds(swift_server))
+    assert len(segments_under(conn, "images_segments", first.prefix + "/")) == 3
+    # by default, replacing the SLO (here with a plain object) removes the old manifest's segments
+    third, r = upload("swift://images/replaced.raw", b"small now", segment_size=1 * MiB, **creds(swift_server))
+    assert segments_under(conn, "images_segments", kept.prefix + "/") == []
+    assert len(segments_under(conn, "images_segments", first.prefix + "/")) == 3  # not part of the replaced SLO
+    assert conn.get_object("images", "replaced.raw")[1] == b"small now"
+    fourth, r = upload("swift://images/replaced.raw", disk_bytes[: 2 * MiB], segment_size=1 * MiB,
+                       **creds(swift_server))
+    assert r.extra["old_segments_deleted"] == 0  # the previous object was a plain one
+    fifth, r = upload("swift://images/replaced.raw", disk_bytes[: 3 * MiB], segment_size=1 * MiB,
+                      **creds(swift_server))
+    assert r.extra["old_segments_deleted"] == 2 and r.extra["old_segments_left"] == 0
+    assert segments_under(conn, "images_segments", fourth.prefix + "/") == []
+    assert conn.get_object("images", "replaced.raw")[1] == disk_bytes[: 3 * MiB]

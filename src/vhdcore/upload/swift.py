@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,8 @@ from . import UploadError, UploadResult
 from .segmented import CountingReader, EtagMismatch, Segment, SegmentedSink
 
 __all__ = ["SwiftSink", "slo_etag"]
+
+log = logging.getLogger("vhdcore.upload")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -47,7 +50,9 @@ class SwiftSink(SegmentedSink):
     ``segment_container`` (default ``<container>_segments``), ``concurrency`` (parallel segment PUTs, default
     2), ``attempts``/``backoff`` (per request), ``spool_memory``/``spool_dir`` (where sealed segments wait),
     ``create_container`` (default True), ``content_type``, ``headers`` (extra headers for the object, e.g.
-    ``X-Object-Meta-*``), ``timeout`` (seconds per socket operation), ``insecure``, ``progress``.
+    ``X-Object-Meta-*``), ``timeout`` (seconds per socket operation), ``insecure``, ``progress``,
+    ``leave_old_segments`` (default False: when our commit replaces an SLO, its old segments are deleted
+    afterwards, as the ``swift`` CLI does, instead of being orphaned).
     """
 
     kind = "swift"
@@ -73,6 +78,7 @@ class SwiftSink(SegmentedSink):
         headers: dict[str, str] | None = None,
         timeout: float | None = 60.0,
         insecure: bool = False,
+        leave_old_segments: bool = False,
         **opts: Any,
     ) -> None:
         if not container or "/" in container:
@@ -84,6 +90,8 @@ class SwiftSink(SegmentedSink):
         self.obj = obj
         self.segment_container = segment_container or f"{container}_segments"
         self.create_container = create_container
+        self.leave_old_segments = leave_old_segments
+        self._old_left = 0
         self.content_type = content_type
         self.headers = dict(headers or {})
         self._conn_args: dict[str, Any] = dict(
@@ -222,9 +230,50 @@ class SwiftSink(SegmentedSink):
         return etag
 
     def _close_single(self) -> str:
+        old = self._old_segments()
         etag = super()._close_single()
         self._check_head(etag, self.bytes_written, slo=False)
+        self._old_left = self._delete_old_segments(old)
         return etag
+
+    def _old_segments(self) -> list[tuple[str, str]]:
+        """Segments of an SLO already stored at our name, which our commit will orphan (unless kept)."""
+        if self.leave_old_segments:
+            return []
+        from swiftclient.exceptions import ClientException
+
+        def get() -> list[tuple[str, str]]:
+            try:
+                hdrs = self._call("head_object", self.container, self.obj)
+            except ClientException as exc:
+                if exc.http_status == 404:
+                    return []
+                raise
+            if str(hdrs.get("x-static-large-object", "")).lower() != "true":
+                return []
+            _, body = self._call("get_object", self.container, self.obj, query_string="multipart-manifest=get")
+            out = []
+            for entry in json.loads(body):
+                container, _, name = str(entry.get("name", "")).lstrip("/").partition("/")
+                if container and name:
+                    out.append((container, name))  # SLO manifests hold the paths unquoted
+            return out
+
+        return self._with_retries("reading the previous object's manifest", None, get)
+
+    def _delete_old_segments(self, old: list[tuple[str, str]]) -> int:
+        """Best effort after a successful commit: returns how many old segments could not be deleted."""
+        left = 0
+        for container, name in old:
+            if container == self.segment_container and name.startswith(self.prefix + "/"):
+                continue  # ours (cannot happen with a fresh timestamp, but never delete what we just wrote)
+            try:
+                self._with_cleanup_retries(container, name)
+            except Exception as exc:
+                if getattr(exc, "http_status", None) != 404:
+                    left += 1
+                    log.warning("%s: could not delete old segment /%s/%s: %s", self.destination, container, name, exc)
+        return left
 
     def _complete(self, segments: list[Segment]) -> tuple[str | None, dict[str, Any]]:
         manifest = [
@@ -241,9 +290,16 @@ class SwiftSink(SegmentedSink):
             self._manifest_put = True
             return etag
 
+        old = self._old_segments()
         self._with_retries("PUT of the SLO manifest", None, put_manifest)
         self._check_head(expected, sum(s.size for s in segments), slo=True)
-        return expected, {"segment_container": self.segment_container, "manifest_segments": len(segments)}
+        self._old_left = self._delete_old_segments(old)
+        return expected, {
+            "segment_container": self.segment_container,
+            "manifest_segments": len(segments),
+            "old_segments_deleted": len(old) - self._old_left,
+            "old_segments_left": self._old_left,
+        }
 
     def _check_head(self, etag: str, size: int, slo: bool) -> None:
         """The store's view of the committed object must match what we sent: size and etag."""
