@@ -45,13 +45,14 @@ class _HashWorker(threading.Thread):
         self.hash = hashlib.new(name)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.abandoned = False
 
     def run(self) -> None:
         update = self.hash.update
         get = self.queue.get
         while True:
             item = get()
-            if item is _STOP:
+            if item is _STOP or self.abandoned:
                 return
             if self.error is None:
                 try:
@@ -118,6 +119,15 @@ class StreamDigests:
             return dict(self._result)
 
     close = hexdigests
+
+    def __del__(self) -> None:
+        # Dropped without hexdigests() (a failed pipeline): let the threads end instead of waiting forever.
+        for w in getattr(self, "_workers", ()):
+            w.abandoned = True
+            try:
+                w.queue.put_nowait(_STOP)
+            except queue.Full:
+                pass  # busy: it sees `abandoned` after its current piece
 
     def glance_properties(self, os_hash_algo: str = "sha512") -> dict[str, Any]:
         """The image properties Glance keeps for these bytes: checksum, os_hash_algo, os_hash_value, size."""

@@ -57,13 +57,13 @@ def test_pieces_of_any_size_and_type(disk_bytes: bytes) -> None:
 
 
 def test_each_algorithm_hashes_in_its_own_thread() -> None:
-    before = {t.name for t in threading.enumerate()}
+    before = set(threading.enumerate())
     d = StreamDigests()
-    names = {t.name for t in threading.enumerate()} - before
-    assert names == {"vhdcore-digest-md5", "vhdcore-digest-sha256", "vhdcore-digest-sha512"}
+    mine = set(threading.enumerate()) - before
+    assert {t.name for t in mine} == {"vhdcore-digest-md5", "vhdcore-digest-sha256", "vhdcore-digest-sha512"}
     d.update(os.urandom(100_000))
     d.hexdigests()
-    assert not ({t.name for t in threading.enumerate()} & names)  # threads end with hexdigests()
+    assert not any(t.is_alive() for t in mine)  # the threads end with hexdigests()
 
 
 def test_empty_stream_and_glance_properties() -> None:
@@ -151,3 +151,19 @@ def test_malformed_manifest_names_the_field(doc: str, field: str) -> None:
     with pytest.raises(InvalidFormatError) as ei:
         XXH3Manifest.from_json(doc, path="m.json")
     assert ei.value.field == field and ei.value.path == "m.json"
+
+
+def test_abandoned_digests_stop_their_threads() -> None:
+    import gc
+    import time
+
+    before = set(threading.enumerate())
+    d = StreamDigests()
+    d.update(b"x" * 1000)
+    mine = set(threading.enumerate()) - before
+    del d
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while any(t.is_alive() for t in mine) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.is_alive() for t in mine)
