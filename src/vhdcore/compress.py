@@ -21,7 +21,7 @@ it keeps a 128 MiB window (``window_log`` 27), the largest ``zstd -d`` accepts w
 Level defaults (from docs machine-facts figures on this 2-core class of machine, 1 GiB of disk-like data):
 
 * zstd **3**: ~1 070 MB/s on 2 threads at ratio 2.95, versus level 1 at ~1 550 MB/s and ratio 2.73. The
-  output goes to durable local storage (~1.2-1.4 GB/s with sync) or to object storage (~200-400 MB/s on
+  output goes to durable local storage (~1.2-1.4 GB/s with sync) or to object storage (~200-250 MB/s into
   loopback Swift), so level 3 keeps pace with the slower of those while shrinking the upload by 8 %.
 * gzip **1** (ISA-L levels run 0-3): ~1 900 MB/s on 2 threads at ratio 2.61; level 2 gains under 1 % of
   size for ~6 % more time, level 3 gains 1.5 % at half the speed. gzip is the compatibility format (Glance
@@ -40,7 +40,7 @@ import collections
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Callable, Union
 
 __all__ = [
     "Compressor",
@@ -69,10 +69,6 @@ _FINAL_EMPTY_BLOCK = b"\x03\x00"
 _ZSTD_LONG_WINDOW_LOG = 27
 
 Output = Union[Callable[[bytes], Any], Any]
-
-
-class _Writer(Protocol):
-    def write(self, data: bytes) -> Any: ...
 
 
 def _output_callable(output: Output) -> Callable[[bytes], Any]:
