@@ -178,6 +178,9 @@ class Disk:
         if offset >= self.size:
             return 0
         n = min(len(mv), self.size - offset)
+        if len(self.layers) == 1 and not self.leaf.is_differencing:
+            self._readinto_single(offset, mv[:n])
+            return n
         for ext in self.extents(offset, n):
             a = ext.offset - offset
             part = mv[a : a + ext.length]
@@ -186,6 +189,29 @@ class Disk:
             else:
                 ext.layer.preadinto(ext.file_offset, part)
         return n
+
+    def _readinto_single(self, offset: int, mv: memoryview) -> None:
+        """The common case of one fixed or dynamic file, block by block without the extent machinery
+        (per-call overhead matters for 1 MiB reads that the kernel serves at 20+ GB/s)."""
+        img = self.leaf
+        if img.is_fixed:
+            img.preadinto(offset, mv)
+            return
+        bs = img.block_size
+        bat = img.bat
+        extra = img.bitmap_size
+        pos = 0
+        n = len(mv)
+        while pos < n:
+            voff = offset + pos
+            b = voff // bs
+            k = min(n - pos, (b + 1) * bs - voff)
+            entry = int(bat[b])
+            if entry == 0xFFFFFFFF:
+                zero_fill(mv[pos : pos + k])
+            else:
+                img.preadinto(entry * SECTOR_SIZE + extra + (voff - b * bs), mv[pos : pos + k])
+            pos += k
 
     def read(self, offset: int, n: int) -> bytes:
         if offset < 0 or n < 0:
