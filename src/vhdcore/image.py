@@ -48,6 +48,9 @@ from .structs import (
 MAX_VIRTUAL_SIZE = 2 * 1024**4
 MAX_BLOCK_SIZE = 256 * 1024**2
 MIN_BLOCK_SIZE = SECTOR_SIZE
+# 2040 GiB in 128 KiB blocks (real writers use 512 KiB or 2 MiB): a larger BAT would be 64+ MiB of memory
+# sized by an untrusted field.
+MAX_BAT_ENTRIES = 1 << 24
 # New blocks are placed so that their data (after the bitmap) starts on this boundary, as Windows does:
 # page-aligned data keeps reads, writes and copy_file_range on whole pages.
 BLOCK_DATA_ALIGNMENT = 4096
@@ -218,15 +221,20 @@ class Image:
         if mte < needed:
             raise InvalidFormatError(f"max table entries too small for the disk size (needs {needed})",
                                      path=self.path, offset=hoff + 28, field="header.max_table_entries", value=mte)
-        # Bounded by the file: the BAT must fit in it (so a hostile count cannot size an allocation).
+        if needed > MAX_BAT_ENTRIES:
+            raise UnsupportedFeatureError(f"a BAT of {needed} entries is over vhdcore's limit of {MAX_BAT_ENTRIES}"
+                                          " (block size too small for the virtual size)", path=self.path,
+                                          offset=hoff + 32, field="header.block_size", value=bs)
+        # Before the BAT is read: a hostile count must not size an allocation, even in a large sparse file.
+        if mte > needed + (1 << 20) or mte > MAX_BAT_ENTRIES:
+            raise InvalidFormatError("max table entries absurdly larger than the disk needs", path=self.path,
+                                     offset=hoff + 28, field="header.max_table_entries", value=mte)
+        # Bounded by the file too: the BAT must fit in it.
         to = h.table_offset
         bat_bytes = mte * 4
         if to % SECTOR_SIZE or to < 0 or to + bat_bytes > self.file_size:
             raise CorruptImageError("BAT does not fit in the file", path=self.path, offset=hoff + 16,
                                     field="header.table_offset", value=to)
-        if mte > needed + (1 << 20):
-            raise InvalidFormatError("max table entries absurdly larger than the disk needs", path=self.path,
-                                     offset=hoff + 28, field="header.max_table_entries", value=mte)
         self.max_table_entries = mte
         raw = self.pread(to, bat_bytes)
         self.bat = np.frombuffer(raw, dtype=">u4").astype(np.uint32)
