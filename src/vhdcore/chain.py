@@ -76,6 +76,10 @@ def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
     seen: set[str] = set()
     for source, raw in child.parent_candidates():
         for name in _candidate_names(source, raw):
+            if "\0" in name:
+                # No file name holds a NUL (and os.stat would raise ValueError on one): hostile or corrupt.
+                tried.append(f"{source} {raw!r} (contains a NUL character, refused)")
+                continue
             if posixpath.isabs(name):
                 # Followed only if it lies inside the allowed directories; else its file name is looked for there.
                 cands = [name] + [os.path.join(d, posixpath.basename(name)) for d in allowed_dirs]
