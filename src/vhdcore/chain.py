@@ -84,7 +84,10 @@ def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
                 # Followed only if it lies inside the allowed directories; else its file name is looked for there.
                 cands = [name] + [os.path.join(d, posixpath.basename(name)) for d in allowed_dirs]
             else:
-                cands = [os.path.join(child_dir, name)]
+                # Relative to the child first; then its file name in every allowed directory, so that a parent
+                # moved to a directory the caller names (--parent-dir) is found.
+                cands = [os.path.join(child_dir, name)] + [os.path.join(d, posixpath.basename(name))
+                                                           for d in allowed_dirs]
             for cand in cands:
                 real = os.path.realpath(cand)
                 if real in seen:
