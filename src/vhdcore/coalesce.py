@@ -1,0 +1,940 @@
+"""Coalesce: write every sector a differencing child holds into its parent (or, with ``into``, every layer from
+the leaf down to an ancestor, into that ancestor, each sector once from the topmost layer that holds it).
+
+How it stays fast: the work goes target block by target block. For each, the source layers' sector bitmaps are
+combined first (top layer wins: each lower layer contributes only the sectors no higher layer holds), so each
+target block is written exactly once: a full block from a single layer is one kernel-side ``copy_file_range`` (or
+one vectored write when its bytes must be looked at), a partial block is assembled in memory with the
+``merge_block`` kernel over the target's current bytes and written once. Writes into new file space go as
+vectors of 256 KiB pieces (one 2 MiB piece is several times slower on this kernel: see machine-facts.md).
+
+How it stays safe (the child overlays the parent, so a reader of the child must see the same bytes whatever
+instant the process dies, and the parent's metadata must never point at data not yet on disk):
+
+* data written over the target's existing blocks (or a fixed target) is shadowed by the child, so it may land at
+  any time;
+* new target blocks are appended in batches inside a *reserved region*: a footer is first written (and made
+  durable) at the region's end, so the file always ends with a valid footer even while the old footer's sector
+  is overwritten by block data; the blocks are written, ``fdatasync``; only then the BAT entries (and, for a
+  differencing target, the bitmaps of its existing blocks) are written, and made durable together with the next
+  region's footer. Two syncs per batch, not per block. A crash leaves at worst unused space before the footer
+  (``check`` reports it as information), never a BAT entry or bitmap bit over unwritten data;
+* removing the child (``remove_child``) happens only after the target is durable (and verified, if asked):
+  its children are relinked to the target, then it is deleted. A journal beside the child makes a rerun after a
+  crash in that phase finish the job instead of refusing because of the children already relinked.
+
+Fault injection (tests only): every write coalesce makes goes through ``_IO``, the one documented
+fault-injection point. With ``VHDCORE_FAULT_AFTER_WRITES=N`` in the environment the N-th write (1-based, counting
+pwrite/pwritev/copy_file_range/ftruncate on any file coalesce modifies) fails; ``VHDCORE_FAULT_ACTION`` says how:
+``eio`` (raise OSError EIO, the default), ``kill`` (SIGKILL the process before the write) or ``torn`` (write the
+first half, sector-rounded, then SIGKILL). Nothing else reads these variables.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import xxhash
+
+from . import _kernels as K
+from .chain import MAX_CHAIN_DEPTH, Disk, _candidate_names, _within, resolve_parent
+from .exceptions import (
+    ChainCycleError,
+    ChainError,
+    LockError,
+    ParentMismatchError,
+    UnsafeOperationError,
+    UnsupportedFeatureError,
+    VerificationError,
+    VHDError,
+)
+from .geometry import vhd_timestamp
+from .image import BLOCK_DATA_ALIGNMENT, Image, zero_fill
+from .relink import dependents, fsync_dir, journal_path, read_journal, relink, write_journal
+from .structs import FOOTER_SIZE, SECTOR_SIZE, UNUSED_BAT_ENTRY
+
+MiB = 1024 * 1024
+
+FORCE_OTHER_CHILDREN = "other-children"
+FORCE_PARENT_ID = "parent-id"
+FORCE_SAVED_STATE = "saved-state"
+FORCE_CHOICES = (FORCE_OTHER_CHILDREN, FORCE_PARENT_ID, FORCE_SAVED_STATE)
+
+# New blocks written between two metadata commits. Larger batches mean fewer syncs (each one stalls the
+# pipeline); the BAT entries of a batch are the only thing a crash can lose (as unused space).
+DEFAULT_BATCH_BYTES = 256 * MiB
+# Bitmaps of existing differencing blocks waiting for their data to be durable, before a commit is forced.
+_MAX_PENDING_BITMAP_BYTES = 8 * MiB
+# Writes into new file space are split into iovecs of this size (2 MiB single writes run at a fraction of it).
+WRITE_PIECE = 256 * 1024
+# A fixed target has no blocks: it is processed in units of the child's block size, at most this.
+_MAX_FIXED_UNIT = 8 * MiB
+
+ProgressFn = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class CoalesceReport:
+    child: str
+    target: str
+    target_type: str
+    merged_layers: list[str]  # the layers whose data went into the target, leaf first
+    backend: str
+    block_size: int  # the unit of work: the target's block size (a fixed target: the child's)
+    blocks_copied: int = 0  # target blocks written
+    full_blocks: int = 0  # of those, blocks taken whole from one layer
+    partial_blocks: int = 0  # merged sector by sector
+    bytes_copied: int = 0  # sectors copied into the target, in bytes
+    blocks_allocated: int = 0  # new blocks in the target
+    zero_blocks_skipped: int = 0  # all-zero blocks over nothing: not allocated (they already read as zeros)
+    shadowed_sectors: int = 0  # copied sectors that replaced data the target held (the duplicate data eliminated)
+    target_size_before: int = 0
+    target_size_after: int = 0
+    syncs: int = 0
+    writes: int = 0
+    seconds: float = 0.0
+    verified: bool = False
+    verify_seconds: float = 0.0
+    relinked: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def target_growth(self) -> int:
+        return self.target_size_after - self.target_size_before
+
+    @property
+    def shadowed_bytes(self) -> int:
+        return self.shadowed_sectors * SECTOR_SIZE
+
+    @property
+    def throughput(self) -> float:
+        """Bytes copied per second of the merge itself (verification excluded)."""
+        merge = self.seconds - self.verify_seconds
+        return self.bytes_copied / merge if merge > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(target_growth=self.target_growth, shadowed_bytes=self.shadowed_bytes,
+                 throughput_mb_s=round(self.throughput / 1e6, 1))
+        return d
+
+
+# --------------------------------------------------------------------------------------------- I/O layer
+
+
+class _IO:
+    """Every write coalesce makes. Counts them, and is the documented fault-injection point (module docstring)."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.syncs = 0
+        self.fault_at = 0
+        self.fault_action = "eio"
+        raw = os.environ.get("VHDCORE_FAULT_AFTER_WRITES")
+        if raw:
+            self.fault_at = int(raw)
+            self.fault_action = os.environ.get("VHDCORE_FAULT_ACTION", "eio")
+            if self.fault_action not in ("eio", "kill", "torn"):
+                raise ValueError(f"VHDCORE_FAULT_ACTION must be eio, kill or torn, not {self.fault_action!r}")
+
+    def _fault(self, fd: int, bufs: list | None, offset: int) -> None:
+        if self.writes + 1 != self.fault_at:
+            return
+        if self.fault_action == "eio":
+            raise OSError(errno.EIO, f"injected fault at write {self.writes} (VHDCORE_FAULT_AFTER_WRITES)")
+        if self.fault_action == "torn" and bufs:
+            flat = b"".join(bytes(b) for b in bufs)
+            half = len(flat) // 2 // SECTOR_SIZE * SECTOR_SIZE
+            if half:
+                os.pwrite(fd, flat[:half], offset)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def pwritev(self, fd: int, bufs: list, offset: int) -> None:
+        if self.fault_at:
+            self._fault(fd, bufs, offset)
+        self.writes += 1
+        total = sum(len(b) for b in bufs)
+        done = os.pwritev(fd, bufs, offset)
+        if done < total:  # rare on regular files: finish piecewise
+            flat = memoryview(b"".join(bytes(b) for b in bufs))
+            while done < total:
+                done += os.pwrite(fd, flat[done:], offset + done)
+
+    def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
+        """Kernel-side copy of ``n`` bytes (raises OSError EXDEV/ENOSYS/... when the file systems cannot)."""
+        if self.fault_at:
+            if self.fault_action == "torn" and self.writes + 1 == self.fault_at:
+                half = n // 2 // SECTOR_SIZE * SECTOR_SIZE
+                self._fault(dst_fd, [os.pread(src_fd, half, src_off)], dst_off)
+            self._fault(dst_fd, None, dst_off)
+        self.writes += 1
+        done = 0
+        while done < n:
+            got = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
+            if got <= 0:
+                raise OSError(errno.EIO, f"copy_file_range copied nothing at source offset {src_off + done}")
+            done += got
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        if self.fault_at:
+            self._fault(fd, None, size)
+        self.writes += 1
+        os.ftruncate(fd, size)
+
+    def fdatasync(self, fd: int) -> None:
+        self.syncs += 1
+        os.fdatasync(fd)
+
+
+def _pieces(mv: memoryview) -> list[memoryview]:
+    return [mv[i : i + WRITE_PIECE] for i in range(0, len(mv), WRITE_PIECE)]
+
+
+# --------------------------------------------------------------------------------------------- bit helpers
+
+
+def _copy_bits(dst: bytearray, dst_bit: int, src: bytes, src_bit: int, n: int) -> None:
+    """dst bits [dst_bit, dst_bit+n) = src bits [src_bit, src_bit+n), MSB-first; other dst bits unchanged."""
+    if n <= 0:
+        return
+    if dst_bit % 8 == 0 and src_bit % 8 == 0:
+        db, sb = dst_bit // 8, src_bit // 8
+        whole = n // 8
+        dst[db : db + whole] = src[sb : sb + whole]
+        rem = n % 8
+        if rem:
+            mask = (0xFF << (8 - rem)) & 0xFF
+            dst[db + whole] = (dst[db + whole] & ~mask & 0xFF) | (src[sb + whole] & mask)
+        return
+    # Unaligned: only blocks smaller than 4 KiB lead here (one bitmap byte covers 4 KiB); rare, so numpy.
+    bits = np.unpackbits(np.frombuffer(src, dtype=np.uint8))[src_bit : src_bit + n]
+    d = np.unpackbits(np.frombuffer(bytes(dst), dtype=np.uint8))
+    d[dst_bit : dst_bit + n] = bits
+    dst[:] = np.packbits(d).tobytes()[: len(dst)]
+
+
+# --------------------------------------------------------------------------------------------- opening
+
+
+def _find_parent_any_id(img: Image, allowed: Sequence[str]) -> str:
+    """Like chain.resolve_parent, but accept the first candidate that is a VHD whatever its unique id
+    (for ``force=parent-id``)."""
+    me = os.path.realpath(img.path)
+    child_dir = os.path.dirname(me)
+    for source, raw in img.parent_candidates():
+        for name in _candidate_names(source, raw):
+            cands = ([name] + [os.path.join(d, os.path.basename(name)) for d in allowed]
+                     if os.path.isabs(name) else [os.path.join(child_dir, name)])
+            for cand in cands:
+                real = os.path.realpath(cand)
+                if real == me or not _within(real, allowed) or not os.path.isfile(real):
+                    continue
+                try:
+                    with Image(real, "r", strict=False):
+                        return real
+                except VHDError:
+                    continue
+    return resolve_parent(img, allowed)  # raises ParentNotFoundError naming every path tried
+
+
+def _open_layers(child: str, parent_dirs: Sequence[str], strict: bool, force: set[str],
+                 warnings: list[str]) -> list[Image]:
+    """The child's whole chain, every file read-only, leaf first. Like chain.open_chain, but a parent whose
+    unique id differs is an UnsafeOperationError (overridable with force 'parent-id'), not a dead end."""
+    leaf = Image(child, "r", strict=strict)
+    layers = [leaf]
+    try:
+        allowed = [os.path.dirname(os.path.realpath(leaf.path))]
+        allowed += [os.path.realpath(os.fspath(d)) for d in parent_dirs]
+        seen = {_identity(leaf)}
+        img = leaf
+        while img.is_differencing:
+            if len(layers) >= MAX_CHAIN_DEPTH:
+                raise ChainCycleError(f"chain deeper than {MAX_CHAIN_DEPTH} layers", path=leaf.path,
+                                      field="chain depth", value=len(layers))
+            try:
+                ppath = resolve_parent(img, allowed)
+            except ParentMismatchError as e:
+                if FORCE_PARENT_ID not in force:
+                    raise UnsafeOperationError(
+                        f"the parent of {img.path} does not carry the unique id the child records ({e.message}); "
+                        "its data may not be what the child was written over. Pass force "
+                        f"'{FORCE_PARENT_ID}' (--force {FORCE_PARENT_ID}) to merge anyway",
+                        path=img.path, offset=e.offset, field="header.parent_unique_id", value=e.value) from None
+                ppath = _find_parent_any_id(img, allowed)
+                warnings.append(f"{img.path}: parent {ppath} has a different unique id than the child records "
+                                f"(merged anyway: force '{FORCE_PARENT_ID}')")
+            parent = Image(ppath, "r", strict=strict)
+            if _identity(parent) in seen:
+                parent.close()
+                raise ChainCycleError("the chain loops back on itself", path=img.path, field="parent", value=ppath)
+            seen.add(_identity(parent))
+            layers.append(parent)
+            recorded = img.header.parent_timestamp
+            if recorded:
+                mtime = vhd_timestamp(os.stat(ppath).st_mtime)
+                if recorded not in (mtime, parent.footer.timestamp):
+                    warnings.append(f"{img.path}: parent time stamp {recorded} differs from {ppath}'s modification "
+                                    f"time {mtime} (copied between hosts?)")
+            img = parent
+    except BaseException:
+        for im in layers:
+            im.close()
+        raise
+    return layers
+
+
+def _identity(img: Image) -> tuple[int, int]:
+    st = os.fstat(img.fd)
+    return st.st_dev, st.st_ino
+
+
+def _lock_shared(img: Image) -> None:
+    """Keep writers out of a source layer while it is merged (they take an exclusive lock)."""
+    try:
+        fcntl.flock(img.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise LockError("another writer holds this file; it cannot be merged while it changes", path=img.path,
+                            field="lock") from None
+        raise
+
+
+# --------------------------------------------------------------------------------------------- the target
+
+
+class _TargetWriter:
+    """Writes into the target and keeps its metadata behind its data (see the module docstring)."""
+
+    def __init__(self, img: Image, io: _IO, batch_bytes: int, new_candidates: int) -> None:
+        self.img = img
+        self.io = io
+        self.fd = img.fd
+        self.footer = img.footer.pack()
+        self.span = img.bitmap_size + img.block_size if not img.is_fixed else 0
+        self.batch_blocks = max(1, batch_bytes // max(self.span, 1))
+        self.pos = img.data_end() if not img.is_fixed else 0  # where the next new block may start
+        self.region_end = -1  # where the reserved region's footer is; -1: nothing reserved
+        self.remaining = new_candidates  # candidate new blocks not yet placed or skipped
+        self.pending_bat: dict[int, int] = {}
+        self.pending_bitmaps: list[tuple[int, int, bytes]] = []
+        self.pending_bitmap_bytes = 0
+        self.unsynced = False
+
+    def _slot_after(self, pos: int) -> int:
+        bm = self.img.bitmap_size
+        return -(-(pos + bm) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm
+
+    def _reserve(self) -> None:
+        """Write the footer at the end of a region big enough for the next batch of new blocks."""
+        n = max(1, min(self.remaining, self.batch_blocks))
+        end = self.pos
+        for _ in range(n):
+            end = self._slot_after(end) + self.span
+        self.region_end = end
+        self.io.pwritev(self.fd, [self.footer], end)
+        self.unsynced = True
+
+    def new_slot(self) -> int:
+        """File offset for the next new block (its bitmap; data follows)."""
+        off = self._slot_after(self.pos)
+        if self.region_end < 0 or off + self.span > self.region_end:
+            self.commit(reserve=True)
+            off = self._slot_after(self.pos)
+        self.pos = off + self.span
+        self.remaining -= 1
+        return off
+
+    def skip_candidate(self) -> None:
+        self.remaining -= 1
+
+    def write(self, bufs: list, offset: int) -> None:
+        self.io.pwritev(self.fd, bufs, offset)
+        self.unsynced = True
+
+    def copy(self, src_fd: int, src_off: int, dst_off: int, n: int) -> None:
+        self.io.copy(src_fd, src_off, self.fd, dst_off, n)
+        self.unsynced = True
+
+    def add_block(self, block: int, offset: int) -> None:
+        self.pending_bat[block] = offset // SECTOR_SIZE
+
+    def add_bitmap(self, block: int, offset: int, bitmap: bytes) -> None:
+        self.pending_bitmaps.append((block, offset, bitmap))
+        self.pending_bitmap_bytes += len(bitmap)
+        if self.pending_bitmap_bytes >= _MAX_PENDING_BITMAP_BYTES:
+            self.commit(reserve=False)
+
+    def commit(self, reserve: bool) -> None:
+        """Data durable, then the metadata that points at it (and the next region's footer), durable."""
+        if not (self.pending_bat or self.pending_bitmaps or reserve):
+            return
+        if self.unsynced:
+            self.io.fdatasync(self.fd)
+            self.unsynced = False
+        img = self.img
+        if self.pending_bat:
+            bat = img.bat
+            blocks = sorted(self.pending_bat)
+            for b in blocks:
+                bat[b] = self.pending_bat[b]
+            # Runs of neighbouring entries go in one write each (unchanged entries in a run rewrite themselves).
+            start = prev = blocks[0]
+            for b in blocks[1:] + [None]:
+                if b is not None and b - prev <= 128:
+                    prev = b
+                    continue
+                self.io.pwritev(self.fd, [bat[start : prev + 1].astype(">u4").tobytes()],
+                                img.header.table_offset + 4 * start)
+                if b is not None:
+                    start = prev = b
+            img._alloc_cache = None
+            self.pending_bat.clear()
+            self.unsynced = True
+        for b, off, bm in self.pending_bitmaps:
+            self.io.pwritev(self.fd, [bm], off)
+            img._bitmap_cache.pop(b, None)
+            self.unsynced = True
+        self.pending_bitmaps.clear()
+        self.pending_bitmap_bytes = 0
+        if reserve and self.remaining > 0:
+            self._reserve()
+        if self.unsynced:
+            self.io.fdatasync(self.fd)
+            self.unsynced = False
+
+    def finish(self) -> None:
+        self.commit(reserve=False)
+        if self.region_end >= 0 and self.region_end > self.pos:
+            # The last region was not filled (all-zero blocks skipped): the footer moves to the real end, then
+            # the file is cut after it. Until the cut, the region's own footer is still the file's last sector.
+            self.io.pwritev(self.fd, [self.footer], self.pos)
+            self.io.fdatasync(self.fd)
+            self.io.ftruncate(self.fd, self.pos + FOOTER_SIZE)
+            self.io.fdatasync(self.fd)
+        if self.unsynced:
+            self.io.fdatasync(self.fd)
+            self.unsynced = False
+        img = self.img
+        img.file_size = os.fstat(self.fd).st_size
+        if not img.is_fixed:
+            img.footer_offset = img.file_size - FOOTER_SIZE
+            img.blocks_end = max(img.blocks_end, self.pos if self.region_end >= 0 else 0)
+
+
+# --------------------------------------------------------------------------------------------- the merge
+
+
+class _Merger:
+    def __init__(self, layers: list[Image], k: int, report: CoalesceReport, io: _IO, batch_bytes: int,
+                 use_copy_range: bool, progress: ProgressFn | None) -> None:
+        self.sources = layers[:k]
+        self.target = layers[k]
+        self.below = layers[k + 1 :]
+        self.report = report
+        self.io = io
+        self.progress = progress
+        self.use_copy_range = use_copy_range
+        self.batch_bytes = batch_bytes
+        self.limit = self.sources[0].size  # the leaf's view is what must survive
+        T = self.target
+        if T.is_fixed:
+            self.unit = min(max(L.block_size for L in self.sources), _MAX_FIXED_UNIT)
+        else:
+            self.unit = T.block_size
+        self.nsec_unit = self.unit // SECTOR_SIZE
+        self.bm_bytes = -(-self.nsec_unit // 8)
+        self.buf = bytearray(self.unit)
+        self.tmp = bytearray(self.unit)
+        self.filled = bytearray(self.bm_bytes)
+        self.lbm = bytearray(self.bm_bytes)
+        self.zero_bm = bytes(self.bm_bytes)
+        if T.is_dynamic:
+            full = bytearray(T.bitmap_size)
+            K.bitmap_set_range(full, 0, T.sectors_per_block)
+            self.full_bitmap = bytes(full)
+
+    # ------------------------------------------------------------------------- planning
+
+    def target_blocks(self) -> np.ndarray:
+        """Target-unit indexes that some source layer has an allocated block over (within the leaf's size)."""
+        U = self.unit
+        parts = []
+        for L in self.sources:
+            alloc = L.allocated_blocks().astype(np.int64)
+            if not len(alloc):
+                continue
+            start = alloc * L.block_size
+            end = np.minimum(start + L.block_size, min(L.size, self.limit))
+            keep = start < end
+            start, end = start[keep], end[keep]
+            first = start // U
+            last = (end - 1) // U
+            counts = last - first + 1
+            if len(counts) and counts.max() > 1:
+                base = np.repeat(first, counts)
+                offs = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+                parts.append(base + offs)
+            else:
+                parts.append(first)
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(np.concatenate(parts))
+
+    def order(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(blocks the target already has, in its file order; new blocks, in virtual order).
+
+        In-place writes then sweep the target file once, and new blocks are appended in the order readers of
+        the virtual disk will want them."""
+        T = self.target
+        if T.is_fixed:
+            return blocks, np.zeros(0, dtype=np.int64)
+        entries = T.bat[blocks]
+        have = entries != UNUSED_BAT_ENTRY
+        existing = blocks[have]
+        existing = existing[np.argsort(entries[have], kind="stable")]
+        return existing, blocks[~have]
+
+    def below_has_data(self, v0: int, v1: int) -> bool:
+        """Whether any layer under the target may hold data in [v0, v1) (conservatively: an allocated block)."""
+        for B in self.below:
+            if v0 >= B.size:
+                continue
+            if B.is_fixed:
+                return True
+            alloc = B.allocated_blocks()
+            first = v0 // B.block_size
+            last = (min(v1, B.size) - 1) // B.block_size
+            i = int(np.searchsorted(alloc, first))
+            if i < len(alloc) and alloc[i] <= last:
+                return True
+        return False
+
+    # ------------------------------------------------------------------------- gathering
+
+    def _layer_bitmap(self, L: Image, v0: int, v1: int, out: bytearray) -> list[tuple[int, int, int]]:
+        """Fill ``out`` (zeroed) with L's present bits for the sectors of [v0, v1); return the pieces
+        ``(offset in block, file offset, length)`` of L's allocated blocks over that range."""
+        if v0 >= L.size:
+            return []
+        v1 = min(v1, L.size)
+        sbs = L.block_size
+        alloc = L.allocated_blocks()
+        first, last = v0 // sbs, (v1 - 1) // sbs
+        i0 = int(np.searchsorted(alloc, first))
+        pieces: list[tuple[int, int, int]] = []
+        bat = L.bat
+        for i in range(i0, len(alloc)):
+            sb = int(alloc[i])
+            if sb > last:
+                break
+            b0 = sb * sbs
+            s = max(v0, b0)
+            e = min(v1, b0 + sbs)
+            bm = L.read_bitmap(sb)
+            _copy_bits(out, (s - v0) // SECTOR_SIZE, bm, (s - b0) // SECTOR_SIZE, (e - s) // SECTOR_SIZE)
+            pieces.append((s - v0, int(bat[sb]) * SECTOR_SIZE + L.bitmap_size + (s - b0), e - s))
+        return pieces
+
+    def _read_pieces(self, L: Image, pieces: list[tuple[int, int, int]], dst: memoryview) -> None:
+        for rel, foff, n in pieces:
+            L.preadinto(foff, dst[rel : rel + n])
+
+    # ------------------------------------------------------------------------- one block
+
+    def merge(self, tb: int, w: _TargetWriter, is_new: bool) -> None:
+        rep = self.report
+        T = self.target
+        U = self.unit
+        v0 = tb * U
+        v1 = min(v0 + U, self.limit)
+        n = v1 - v0
+        nsec = n // SECTOR_SIZE
+        filled = self.filled
+        filled[:] = self.zero_bm
+        lbm = self.lbm
+        contrib: list[tuple[Image, list, bytes, int]] = []
+        for L in self.sources:
+            lbm[:] = self.zero_bm
+            pieces = self._layer_bitmap(L, v0, v1, lbm)
+            if not pieces:
+                continue
+            if contrib:
+                K.bitmap_andnot(lbm, filled)  # sectors a higher layer holds are not this layer's to give
+            c = K.bitmap_count(lbm, 0, nsec)
+            if c == 0:
+                continue
+            contrib.append((L, pieces, bytes(lbm), c))
+            K.bitmap_or(filled, lbm)
+        if not contrib:
+            if is_new:
+                w.skip_candidate()
+            self._advance(n)
+            return
+        copied = sum(c for *_, c in contrib)
+        full = copied == nsec
+
+        # Where the block is in the target, and what the target held there.
+        if T.is_fixed:
+            dest: int | None = v0
+        else:
+            dest = T.block_file_offset(tb)
+        tbm = T.read_bitmap(tb) if (dest is not None and T.is_differencing) else None
+        if dest is not None:
+            if tbm is None:
+                rep.shadowed_sectors += copied
+            else:
+                only = bytearray(filled)
+                K.bitmap_andnot(only, memoryview(tbm)[: self.bm_bytes])
+                rep.shadowed_sectors += copied - K.bitmap_count(only, 0, nsec)
+        # A new block over nothing reads as zeros already: if the merged block is all zeros, skip it.
+        zero_check = dest is None and not self.below_has_data(v0, v1)
+
+        direct = None
+        if len(contrib) == 1 and full and not zero_check and self.use_copy_range:
+            L, pieces = contrib[0][0], contrib[0][1]
+            if all(pieces[j][1] + pieces[j][2] == pieces[j + 1][1] for j in range(len(pieces) - 1)):
+                direct = (L.fd, pieces[0][1])
+        buf = memoryview(self.buf)[:n]
+        if direct is None:
+            if not full:
+                if dest is not None:
+                    T.preadinto(dest, buf)
+                else:
+                    zero_fill(buf)
+            tmp = memoryview(self.tmp)[:n]
+            for L, pieces, mask, c in contrib:
+                if c == nsec:
+                    self._read_pieces(L, pieces, buf)
+                else:
+                    self._read_pieces(L, pieces, tmp)
+                    K.merge_block(buf, tmp, mask)
+            if zero_check and K.is_zero(buf):
+                rep.zero_blocks_skipped += 1
+                w.skip_candidate()
+                self._advance(n)
+                return
+
+        rep.blocks_copied += 1
+        rep.bytes_copied += copied * SECTOR_SIZE
+        if full and len(contrib) == 1:
+            rep.full_blocks += 1
+        else:
+            rep.partial_blocks += 1
+
+        if dest is not None:
+            self._write_data(w, direct, buf, dest, n)
+            if tbm is not None:
+                new = bytearray(tbm)
+                K.bitmap_or(memoryview(new)[: self.bm_bytes], filled)
+                if new != tbm:
+                    w.add_bitmap(tb, int(T.bat[tb]) * SECTOR_SIZE, bytes(new))
+        else:
+            if T.is_differencing:
+                bm = bytearray(T.bitmap_size)
+                bm[: self.bm_bytes] = filled
+                bitmap = bytes(bm)
+            else:
+                bitmap = self.full_bitmap
+            off = w.new_slot()
+            data_off = off + T.bitmap_size
+            if direct is not None:
+                w.write([bitmap], off)
+                self._write_data(w, direct, buf, data_off, n)
+                tail = U - n
+                if tail:
+                    w.write(_pieces(memoryview(bytes(tail))), data_off + n)
+            else:
+                if n < U:
+                    zero_fill(memoryview(self.buf)[n:U])
+                w.write([bitmap] + _pieces(memoryview(self.buf)[:U]), off)
+            w.add_block(tb, off)
+            rep.blocks_allocated += 1
+            T._bitmap_cache.pop(tb, None)
+        self._advance(n)
+
+    def _write_data(self, w: _TargetWriter, direct, buf: memoryview, dest: int, n: int) -> None:
+        if direct is not None:
+            try:
+                w.copy(direct[0], direct[1], dest, n)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self.use_copy_range = False  # this file system cannot: copy through memory from now on
+                os.preadv(direct[0], [buf], direct[1])
+        w.write(_pieces(buf), dest)
+
+    def _advance(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    # ------------------------------------------------------------------------- whole run
+
+    def run(self) -> None:
+        T = self.target
+        blocks = self.target_blocks()
+        existing, new = self.order(blocks)
+        self.total = int(np.minimum(self.unit, self.limit - blocks * self.unit).sum()) if len(blocks) else 0
+        self.done = 0
+        if self.progress is not None:
+            self.progress(0, self.total)
+        w = _TargetWriter(T, self.io, self.batch_bytes, int(len(new)))
+        for b in existing:
+            self.merge(int(b), w, False)
+        for b in new:
+            self.merge(int(b), w, True)
+        w.finish()
+
+
+# --------------------------------------------------------------------------------------------- verification
+
+
+def _block_digests(disk: Disk, unit: int, limit: int, blocks: Iterable[int]) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    buf = bytearray(unit)
+    for b in blocks:
+        v0 = b * unit
+        n = min(unit, limit - v0)
+        mv = memoryview(buf)[:n]
+        disk.readinto(v0, mv)
+        out[b] = xxhash.xxh3_128_digest(mv)
+    return out
+
+
+def _data_units(layers: Sequence[Image], unit: int, limit: int) -> np.ndarray:
+    """Units of the virtual disk [0, limit) that some layer may hold data in (all of them under a fixed layer)."""
+    nunits = -(-limit // unit)
+    parts = []
+    for L in layers:
+        if L.is_fixed:
+            return np.arange(nunits, dtype=np.int64)
+        alloc = L.allocated_blocks().astype(np.int64)
+        if not len(alloc):
+            continue
+        start = alloc * L.block_size
+        end = np.minimum(start + L.block_size, min(L.size, limit))
+        keep = start < end
+        first = start[keep] // unit
+        last = (end[keep] - 1) // unit
+        counts = last - first + 1
+        base = np.repeat(first, counts)
+        offs = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        parts.append(base + offs)
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.concatenate(parts))
+
+
+def _first_difference(a: Disk, b: Disk, v0: int, n: int) -> int:
+    x = np.frombuffer(a.read(v0, n), dtype=np.uint8)
+    y = np.frombuffer(b.read(v0, n), dtype=np.uint8)
+    diff = np.flatnonzero(x != y)
+    return v0 + int(diff[0]) if len(diff) else v0
+
+
+# --------------------------------------------------------------------------------------------- the operation
+
+
+def coalesce(
+    child: str | os.PathLike[str],
+    *,
+    into: str | os.PathLike[str] | None = None,
+    verify: bool = False,
+    progress: ProgressFn | None = None,
+    remove_child: bool = False,
+    search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    parent_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    force: Iterable[str] = (),
+    strict: bool = True,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    use_copy_range: bool = True,
+) -> CoalesceReport:
+    """Merge ``child`` into its parent (or every layer from ``child`` down to just above ``into`` into ``into``).
+
+    ``verify`` hashes the chain's content per block before and the target's after (xxh3-128) and raises
+    VerificationError at the first differing offset. ``remove_child`` then re-points the child's own children
+    (found in ``search_dirs``, default the child's directory) at the target and deletes the merged layers.
+    ``force`` overrides the safety refusals it names: 'other-children' (other disks depend on the target or an
+    intermediate layer), 'parent-id' (a parent's unique id is not the one its child records), 'saved-state'.
+    ``progress(done, total)`` is called with bytes of the virtual disk processed.
+    """
+    t0 = time.perf_counter()
+    force_set = set(force)
+    unknown = force_set - set(FORCE_CHOICES)
+    if unknown:
+        raise ValueError(f"unknown force option(s) {sorted(unknown)}; choose from {', '.join(FORCE_CHOICES)}")
+    child = os.fspath(child)
+    warnings: list[str] = []
+    layers = _open_layers(child, [os.fspath(d) for d in (parent_dirs or ())], strict, force_set, warnings)
+    target_rw: Image | None = None
+    fresh: list[Image] = []
+    try:
+        leaf = layers[0]
+        if not leaf.is_differencing:
+            raise ChainError("not a differencing disk: it has no parent to merge into", path=leaf.path,
+                             field="footer.disk_type", value=int(leaf.disk_type))
+        k = _target_index(layers, into)
+        sources = layers[:k]
+        target = layers[k]
+        child_dir = os.path.dirname(os.path.realpath(leaf.path))
+        dirs = [os.path.realpath(os.fspath(d)) for d in (search_dirs or [child_dir])]
+        for L in sources:
+            _lock_shared(L)
+        _check_safety(layers, k, dirs, force_set, warnings)
+        grandchildren = [d.path for d in dependents(leaf, dirs)] if remove_child else []
+        if remove_child:
+            for g in grandchildren:  # fail now, not after the merge, if one is in use
+                Image(g, "r+", strict=False).close()
+
+        # The target, for writing (exclusive lock), replacing its read-only image in the chain.
+        target_rw = Image(target.path, "r+", strict=strict)
+        if _identity(target_rw) != _identity(target):
+            raise ChainError("the target file was replaced while opening it", path=target.path, field="file")
+        layers[k] = target_rw
+        target.close()
+        target = target_rw
+
+        rep = CoalesceReport(child=leaf.path, target=target.path, target_type=target.disk_type.label,
+                             merged_layers=[L.path for L in sources], backend=K.BACKEND, block_size=0,
+                             target_size_before=target.file_size)
+        io = _IO()
+        merger = _Merger(layers, k, rep, io, batch_bytes, use_copy_range, progress)
+        rep.block_size = merger.unit
+        unit, limit = merger.unit, merger.limit
+
+        before: dict[int, bytes] = {}
+        if verify:
+            tv = time.perf_counter()
+            before = _block_digests(Disk(layers), unit, limit, _data_units(layers, unit, limit))
+            rep.verify_seconds += time.perf_counter() - tv
+
+        merger.run()
+        rep.target_size_after = target.file_size
+
+        if verify:
+            tv = time.perf_counter()
+            fresh = [Image(target.path, "r", strict=True)]
+            after_disk = Disk(fresh + layers[k + 1 :])
+            after_units = _data_units(after_disk.layers, unit, limit)
+            zero_digest = {}
+            for b in sorted(set(before) | set(int(u) for u in after_units)):
+                n = min(unit, limit - b * unit)
+                got = _block_digests(after_disk, unit, limit, [b])[b]
+                want = before.get(b)
+                if want is None:
+                    want = zero_digest.setdefault(n, xxhash.xxh3_128_digest(bytes(n)))
+                if got != want:
+                    off = _first_difference(Disk(layers), after_disk, b * unit, n)
+                    raise VerificationError(
+                        f"after coalescing, the target's content differs from the chain's content before, first "
+                        f"at virtual offset {off}", path=target.path, offset=off, field="content")
+            rep.verified = True
+            rep.verify_seconds += time.perf_counter() - tv
+
+        rep.writes, rep.syncs = io.writes, io.syncs
+        if remove_child:
+            _relink_and_remove(layers, k, grandchildren, io, rep)
+        rep.warnings = warnings + rep.warnings
+        rep.seconds = time.perf_counter() - t0
+        return rep
+    finally:
+        for im in fresh:
+            im.close()
+        for im in layers:
+            im.close()
+        if target_rw is not None:
+            target_rw.close()
+
+
+def _target_index(layers: list[Image], into: str | os.PathLike[str] | None) -> int:
+    if len(layers) < 2:
+        raise ChainError("the disk has no parent", path=layers[0].path)
+    if into is None:
+        return 1
+    want = os.stat(os.fspath(into))
+    for i, L in enumerate(layers):
+        st = os.fstat(L.fd)
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            if i == 0:
+                raise ChainError("cannot coalesce a disk into itself", path=L.path, field="into", value=into)
+            return i
+    raise ChainError(f"{os.fspath(into)} is not an ancestor of this disk (chain: "
+                     f"{' <- '.join(L.path for L in reversed(layers))})", path=layers[0].path, field="into",
+                     value=os.fspath(into))
+
+
+def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str], warnings: list[str]) -> None:
+    sources, target = layers[:k], layers[k]
+    for img in sources + [target]:
+        if img.footer.saved_state:
+            if FORCE_SAVED_STATE not in force:
+                raise UnsafeOperationError(
+                    "the disk is in saved state (a suspended VM's disk): merging would change what the VM resumes "
+                    f"on. Pass force '{FORCE_SAVED_STATE}' (--force {FORCE_SAVED_STATE}) to merge anyway",
+                    path=img.path, offset=img.footer_offset + 84 if img.footer_offset >= 0 else 84,
+                    field="footer.saved_state", value=img.footer.saved_state)
+            warnings.append(f"{img.path}: in saved state (merged anyway: force '{FORCE_SAVED_STATE}')")
+    for i in range(len(sources)):
+        if sources[i].size > layers[i + 1].size:
+            raise UnsupportedFeatureError(
+                f"the disk ({sources[i].size} bytes) is larger than its parent {layers[i + 1].path} "
+                f"({layers[i + 1].size} bytes): its data past the parent's end has nowhere to go (resize the parent "
+                "first)", path=sources[i].path, field="footer.current_size", value=sources[i].size)
+    # Every disk whose view goes through a layer we change (the target and the intermediate layers) other than
+    # the chain's own would see different content.
+    rec = read_journal(layers[0].path)
+    already: set[str] = set()
+    if rec and rec.get("child_unique_id") == str(layers[0].unique_id) \
+            and rec.get("target_unique_id") == str(target.unique_id):
+        already = {os.path.realpath(p) for p in rec.get("children", [])}
+    for i in range(1, k + 1):
+        img = layers[i]
+        scan = sorted(set(dirs) | {os.path.dirname(os.path.realpath(img.path))})
+        deps = [d for d in dependents(img, scan, exclude=[layers[i - 1].path])
+                if not (i == k and d.path in already)]
+        if not deps:
+            continue
+        names = "; ".join(f"{d.path} ({d.reason})" for d in deps)
+        if FORCE_OTHER_CHILDREN not in force:
+            raise UnsafeOperationError(
+                f"other disks depend on {img.path} and would see their content change: {names}. Coalesce those "
+                f"first, or pass force '{FORCE_OTHER_CHILDREN}' (--force {FORCE_OTHER_CHILDREN}) if they are "
+                "disposable", path=img.path, field="children", value=len(deps))
+        warnings.append(f"{img.path}: merged although other disks depend on it: {names}")
+
+
+def _relink_and_remove(layers: list[Image], k: int, grandchildren: list[str], io: _IO,
+                       rep: CoalesceReport) -> None:
+    leaf, target = layers[0], layers[k]
+    merged = [L.path for L in layers[:k]]
+    jpath = write_journal(leaf.path, {
+        "version": 1, "child": os.path.realpath(leaf.path), "child_unique_id": str(leaf.unique_id),
+        "target": os.path.realpath(target.path), "target_unique_id": str(target.unique_id),
+        "merged": merged, "children": [os.path.realpath(g) for g in grandchildren]})
+    for g in grandchildren:
+        rep.warnings.extend(relink(g, target, io=io))
+        rep.relinked.append(g)
+    for L in layers[:k]:
+        L.close()
+    for p in merged:
+        os.unlink(p)
+        rep.removed.append(p)
+    for d in sorted({os.path.dirname(os.path.realpath(p)) for p in merged}):
+        fsync_dir(d)
+    os.unlink(jpath)
+
+
+__all__ = ["coalesce", "CoalesceReport", "FORCE_CHOICES", "FORCE_OTHER_CHILDREN", "FORCE_PARENT_ID",
+           "FORCE_SAVED_STATE", "DEFAULT_BATCH_BYTES", "journal_path"]

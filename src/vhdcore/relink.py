@@ -1,0 +1,254 @@
+"""Who depends on a disk, and re-pointing children at another parent (used by coalesce --remove-child).
+
+A differencing disk names its parent three ways: the parent's unique id, its modification time, and a path (the
+unicode name and the platform locators). Finding "the children of X" therefore means reading the header of every
+VHD in the searched directories, keeping those that record X's unique id, and resolving their parent path to be
+sure it is X and not a copy of X elsewhere.
+
+Relinking rewrites a child's header so that it names a new parent. The order keeps the child resolvable at every
+instant (see ``relink``); the one step that cannot be made atomic is the single 1024-byte write of the header.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import tempfile
+import uuid
+from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
+
+from .chain import resolve_parent
+from .create import parent_locators_for
+from .exceptions import ChainError, VHDError
+from .geometry import vhd_timestamp
+from .image import Image
+from .structs import (
+    EMPTY_LOCATOR,
+    FOOTER_SIZE,
+    HEADER_SIZE,
+    NO_DATA_OFFSET,
+    DiskType,
+    DynamicHeader,
+    Footer,
+    ParentLocator,
+)
+
+VHD_SUFFIXES = (".vhd",)
+# Journal of a coalesce that is removing its child, beside the child: ".<child name>.coalesce".
+JOURNAL_SUFFIX = ".coalesce"
+
+
+@dataclass(frozen=True)
+class Dependent:
+    path: str
+    reason: str  # "resolves to it" or "records its unique id; its parent path cannot be resolved"
+
+
+def _probe(path: str) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    """(unique id, parent unique id) of a VHD from its footer and header alone, or (None, None) if not a VHD.
+
+    Bounded reads (512 + 1024 bytes) so that scanning a directory of large disks costs nothing; checksums are
+    not verified here (a disk with a damaged checksum still depends on its parent).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None, None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < FOOTER_SIZE:
+            return None, None
+        raw = os.pread(fd, FOOTER_SIZE, st.st_size - FOOTER_SIZE)
+        try:
+            footer = Footer.parse(raw, verify_checksum=False)
+        except VHDError:
+            try:
+                footer = Footer.parse(os.pread(fd, FOOTER_SIZE, 0), verify_checksum=False)
+            except VHDError:
+                return None, None
+        if footer.type != DiskType.DIFFERENCING:
+            return footer.unique_id, None
+        hoff = footer.data_offset
+        if hoff == NO_DATA_OFFSET or hoff + HEADER_SIZE > st.st_size:
+            return footer.unique_id, None
+        try:
+            header = DynamicHeader.parse(os.pread(fd, HEADER_SIZE, hoff), verify_checksum=False)
+        except VHDError:
+            return footer.unique_id, None
+        return footer.unique_id, header.parent_unique_id
+    finally:
+        os.close(fd)
+
+
+def vhd_files(dirs: Iterable[str]) -> list[str]:
+    """Real paths of the regular ``*.vhd`` files (any case) directly inside ``dirs``, without duplicates."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for d in dirs:
+        try:
+            names = sorted(os.listdir(d))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if not name.lower().endswith(VHD_SUFFIXES) or name.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(d, name))
+            if real not in seen:
+                seen.add(real)
+                out.append(real)
+    return out
+
+
+def dependents(parent: Image, dirs: Sequence[str], exclude: Iterable[str] = ()) -> list[Dependent]:
+    """Differencing disks in ``dirs`` (other than ``exclude``) whose parent is ``parent``.
+
+    A disk that records ``parent``'s unique id but whose parent path cannot be resolved counts as a dependent:
+    it may well name this very file from another host's point of view. One that resolves to another file with
+    the same unique id (a copy) does not.
+    """
+    me = os.path.realpath(parent.path)
+    skip = {os.path.realpath(p) for p in exclude} | {me}
+    found: list[Dependent] = []
+    uid = parent.unique_id
+    for path in vhd_files(dirs):
+        if path in skip:
+            continue
+        _own, puid = _probe(path)
+        if puid != uid:
+            continue
+        allowed = sorted({os.path.dirname(path), *dirs, os.path.dirname(me)})
+        try:
+            with Image(path, "r", strict=False) as img:
+                resolved = resolve_parent(img, allowed)
+        except (ChainError, VHDError, OSError):
+            found.append(Dependent(path, "records its unique id; its parent path cannot be resolved"))
+            continue
+        if os.path.realpath(resolved) == me:
+            found.append(Dependent(path, "resolves to it"))
+    return found
+
+
+# --------------------------------------------------------------------------------------------- relinking
+
+
+def _fit_locators(old: Sequence[ParentLocator], wanted: Sequence[tuple[bytes, bytes]]
+                  ) -> tuple[list[ParentLocator], list[tuple[int, bytes]], list[str]]:
+    """Place the wanted locators' data in the space the old ones reserved (never elsewhere: space after the
+    blocks would need the file's layout to change). Returns the new locator table, the (offset, bytes) writes,
+    and the locators that did not fit."""
+    free = [loc for loc in old if loc.is_used and loc.data_offset > 0]
+    # Reuse a slot of the same platform first, then the largest remaining one.
+    placed: list[ParentLocator] = []
+    writes: list[tuple[int, bytes]] = []
+    dropped: list[str] = []
+    for code, data in wanted:
+        same = [loc for loc in free if loc.platform_code == code and loc.data_space_bytes >= len(data)]
+        other = sorted((loc for loc in free if loc.data_space_bytes >= len(data)),
+                       key=lambda loc: loc.data_space_bytes)
+        slot = (same or other or [None])[0]
+        if slot is None:
+            dropped.append(code.decode("latin-1"))
+            continue
+        free.remove(slot)
+        placed.append(ParentLocator(code, slot.data_space, len(data), slot.data_offset, slot.reserved))
+        writes.append((slot.data_offset, data.ljust(slot.data_space_bytes, b"\0")))
+    table = placed + [EMPTY_LOCATOR] * (len(old) - len(placed))
+    return table, writes, dropped
+
+
+class _PlainIO:
+    def pwritev(self, fd: int, bufs: list, offset: int) -> None:
+        data = b"".join(bytes(b) for b in bufs)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+
+def relink(child_path: str, new_parent: Image, *, io=None) -> list[str]:
+    """Make the differencing disk at ``child_path`` name ``new_parent`` (id, time stamp, name, locators).
+
+    Order: (1) the new locator data goes into the space the old locators reserved; while the header still
+    names the old parent, its unicode name keeps resolving to it (locators that now lead to the new parent
+    carry the wrong id for this header and are passed over); (2) one write of the header switches id, time
+    stamp, name and locator table together. Returns warnings (locators that did not fit and were dropped).
+    ``io`` (``pwritev(fd, bufs, offset)``, ``fdatasync(fd)``) carries the writes; coalesce passes its own.
+    """
+    io = io or _PlainIO()
+    warnings: list[str] = []
+    with Image(child_path, "r+", strict=False) as img:
+        if not img.is_differencing or img.header is None:
+            raise ChainError("not a differencing disk", path=img.path, field="footer.disk_type",
+                             value=int(img.disk_type))
+        h = img.header
+        hoff = img.footer.data_offset
+        name, wanted = parent_locators_for(new_parent.path, img.path)
+        if len(name) > 255:
+            name = os.path.basename(new_parent.path)
+        table, writes, dropped = _fit_locators(h.parent_locators, wanted)
+        if dropped:
+            warnings.append(f"{img.path}: locator(s) {', '.join(dropped)} for {new_parent.path} do not fit the "
+                            "space the old ones reserved; the parent name still finds it")
+        for off, data in writes:
+            io.pwritev(img.fd, [data], off)
+        if writes:
+            io.fdatasync(img.fd)
+        mtime = vhd_timestamp(os.stat(new_parent.path).st_mtime)
+        new = replace(h, parent_unique_id=new_parent.unique_id, parent_timestamp=mtime,
+                      parent_unicode_name_raw=DynamicHeader.encode_parent_name(name),
+                      parent_locators=tuple(table))
+        io.pwritev(img.fd, [new.pack()], hoff)
+        io.fdatasync(img.fd)
+    return warnings
+
+
+# --------------------------------------------------------------------------------------------- journal
+
+
+def journal_path(child_path: str) -> str:
+    d, base = os.path.split(os.path.abspath(child_path))
+    return os.path.join(d, "." + base + JOURNAL_SUFFIX)
+
+
+def write_journal(child_path: str, record: dict) -> str:
+    """Atomically (temporary file, fsync, rename, fsync of the directory) write the removal journal."""
+    path = journal_path(child_path)
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(d)
+    return path
+
+
+def read_journal(child_path: str) -> dict | None:
+    try:
+        with open(journal_path(child_path)) as f:
+            rec = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["Dependent", "dependents", "relink", "vhd_files", "journal_path", "write_journal", "read_journal",
+           "fsync_dir"]
