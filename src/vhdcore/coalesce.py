@@ -320,7 +320,10 @@ class _TargetWriter:
         self.img = img
         self.io = io
         self.fd = img.fd
-        self.footer = img.footer.pack()
+        # The footer's own bytes, not a re-pack: a footer read with a bad checksum (strict=False) stays as it was
+        # and identical to its copy at offset 0.
+        self.footer = (img.pread(img.footer_offset, min(FOOTER_SIZE, img.file_size - img.footer_offset))
+                       .ljust(FOOTER_SIZE, b"\0") if not img.is_fixed else b"")
         self.span = img.bitmap_size + img.block_size if not img.is_fixed else 0
         self.batch_blocks = max(1, batch_bytes // max(self.span, 1))
         self.pos = img.data_end() if not img.is_fixed else 0  # where the next new block may start
@@ -825,7 +828,7 @@ def coalesce(
 
         if verify:
             tv = time.perf_counter()
-            fresh = [Image(target.path, "r", strict=True)]
+            fresh = [Image(target.path, "r", strict=strict)]
             after_disk = Disk(fresh + layers[k + 1 :])
             after_units = _data_units(after_disk.layers, unit, limit)
             zero_digest = {}
