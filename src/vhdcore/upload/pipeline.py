@@ -85,13 +85,15 @@ def deliver(
     input_size: int | None = None,
     progress: ProgressCallback | None = None,
     read_size: int = 4 * MiB,
+    sink_progress: ProgressCallback | None = None,
     **sink_options: Any,
 ) -> DeliveryResult:
     """Compress ``source`` into ``dest`` (path, ``swift://``, ``s3://``), hashing what is delivered.
 
     ``input_size`` (when known) gives progress a total and lets zstd record the content size.
     ``progress`` receives input bytes consumed (state ``saving`` for files, ``uploading`` for remote
-    destinations); ``sink_options`` go to :func:`open_sink` (e.g. ``segment_size``, ``concurrency``).
+    destinations); ``sink_options`` go to :func:`open_sink` (e.g. ``segment_size``, ``concurrency``), and
+    ``sink_progress`` becomes the sink's own ``progress`` (bytes written locally or acknowledged by the store).
     """
     t0 = time.monotonic()
     report = as_progress(progress)
@@ -101,6 +103,8 @@ def deliver(
     if compression in ("zstd", "zst") and input_size is not None:
         copts.setdefault("size_hint", input_size)
 
+    if sink_progress is not None:
+        sink_options["progress"] = sink_progress
     sink = open_sink(dest, **sink_options)
     hasher = StreamDigests(digests) if digests else None
     comp = None
