@@ -42,6 +42,7 @@ from .structs import (
     Footer,
     ParentLocator,
     bitmap_bytes,
+    checksum,
 )
 
 # The format's own ceiling (the specification allows 2040 GB); a larger size field is corrupt or hostile.
@@ -116,6 +117,12 @@ class Image:
     def _warn(self, msg: str) -> None:
         self.warnings.append(msg)
 
+    def _note_bad_checksum(self, raw: bytes, field_offset: int, stored: int, structure: str, offset: int) -> None:
+        """In non-strict mode a wrong checksum is accepted, but the caller must still hear about it."""
+        if not self.strict and checksum(raw, field_offset) != stored:
+            self._warn(f"{structure} at offset {offset} has a wrong checksum (stored 0x{stored:08x}, computed "
+                       f"0x{checksum(raw, field_offset):08x}); accepted because strict checking is off")
+
     def _read_footer(self) -> None:
         size = self.file_size
         if size < FOOTER_SIZE - 1:
@@ -134,6 +141,7 @@ class Image:
                 raw += b"\0"
             try:
                 self.footer = Footer.parse(raw, path=self.path, offset=off, verify_checksum=verify)
+                self._note_bad_checksum(raw, 64, self.footer.checksum, "footer", off)
             except ChecksumError as e:
                 errors.append(e)
                 continue
@@ -145,11 +153,13 @@ class Image:
             return
         if size >= FOOTER_SIZE:
             try:
-                copy = Footer.parse(self.pread(0, FOOTER_SIZE), path=self.path, offset=0, verify_checksum=verify)
+                raw = self.pread(0, FOOTER_SIZE)
+                copy = Footer.parse(raw, path=self.path, offset=0, verify_checksum=verify)
             except InvalidFormatError as e:
                 errors.append(e)
             else:
                 if copy.type != DiskType.FIXED:
+                    self._note_bad_checksum(raw, 64, copy.checksum, "footer", 0)
                     if self.writable:
                         raise CorruptImageError(
                             "the footer at the end of the file is missing or torn (an interrupted write?); "
@@ -207,8 +217,9 @@ class Image:
         if hoff == NO_DATA_OFFSET or hoff % SECTOR_SIZE or hoff + HEADER_SIZE > self.file_size:
             raise CorruptImageError("dynamic header offset outside the file", path=self.path,
                                     offset=self._footer_field_offset(16), field="footer.data_offset", value=hoff)
-        self.header = h = DynamicHeader.parse(self.pread(hoff, HEADER_SIZE), path=self.path, offset=hoff,
-                                              verify_checksum=self.strict)
+        raw = self.pread(hoff, HEADER_SIZE)
+        self.header = h = DynamicHeader.parse(raw, path=self.path, offset=hoff, verify_checksum=self.strict)
+        self._note_bad_checksum(raw, 36, h.checksum, "dynamic header", hoff)
         bs = h.block_size
         if not (_is_pow2(bs) and MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE):
             raise InvalidFormatError("block size must be a power of two number of sectors, 512 B to 256 MiB",
