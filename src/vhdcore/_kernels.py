@@ -1,30 +1,57 @@
-"""Kernel backend selection: the Cython extension, or its pure-Python twin when VHDCORE_PUREPYTHON=1."""
+"""Kernel backend selection: the compiled Cython module, or its pure-Python twin.
+
+``VHDCORE_PUREPYTHON=1`` (or ``true``/``yes``) forces the twin; otherwise the extension is used and, if it was
+never built, the twin stands in with a RuntimeWarning. Callers use ``from . import _kernels as K`` and
+``K.merge_block(...)``; ``BACKEND`` says which one answered ("cython" or "python").
+"""
 from __future__ import annotations
 
 import importlib
 import os
-import types
 import warnings
+from types import ModuleType
 
-_NAMES = ["bitmap_runs", "bitmap_count", "bitmap_set_range", "bitmap_or", "bitmap_andnot", "is_zero",
-          "sector_zero_mask", "merge_block", "scan_bat", "count_runs_in_blocks"]
+__all__ = ["BACKEND", "load_backend", "bitmap_runs", "bitmap_count", "bitmap_set_range", "bitmap_or",
+           "bitmap_andnot", "is_zero", "sector_zero_mask", "merge_block", "scan_bat", "count_runs_in_blocks"]
+
+KERNELS = ("bitmap_runs", "bitmap_count", "bitmap_set_range", "bitmap_or", "bitmap_andnot", "is_zero",
+           "sector_zero_mask", "merge_block", "scan_bat", "count_runs_in_blocks")
+
+_MODULES = {"cython": "vhdcore._coalesce", "python": "vhdcore._coalesce_py"}
 
 
-def load_backend(name: str) -> types.ModuleType:
-    return importlib.import_module("vhdcore._coalesce" if name == "cython" else "vhdcore._coalesce_py")
+def load_backend(name: str) -> ModuleType:
+    """The kernel module of one backend ("cython" or "python"), whatever the environment selects.
 
-
-if os.environ.get("VHDCORE_PUREPYTHON", "").lower() in ("1", "true", "yes"):
-    _impl = load_backend("python")
-    BACKEND = "python"
-else:
+    Raises ImportError if the Cython extension is not built: tests use this to hold both to the same results.
+    """
     try:
-        _impl = load_backend("cython")
-        BACKEND = "cython"
-    except ImportError:
-        warnings.warn("vhdcore: Cython kernels not built, using the pure-Python twin", RuntimeWarning)
-        _impl = load_backend("python")
-        BACKEND = "python"
+        module = _MODULES[name]
+    except KeyError:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {sorted(_MODULES)}") from None
+    return importlib.import_module(module)
 
-globals().update({n: getattr(_impl, n) for n in _NAMES})
-__all__ = ["BACKEND", "load_backend", *_NAMES]
+
+def _select() -> tuple[str, ModuleType]:
+    if os.environ.get("VHDCORE_PUREPYTHON", "").strip().lower() in ("1", "true", "yes"):
+        return "python", load_backend("python")
+    try:
+        return "cython", load_backend("cython")
+    except ImportError as exc:
+        warnings.warn(f"vhdcore: Cython kernels unavailable ({exc}); using the pure-Python twin, which is slower. "
+                      "Build them with: pip install --no-build-isolation -e .", RuntimeWarning, stacklevel=2)
+        return "python", load_backend("python")
+
+
+BACKEND, _impl = _select()
+
+bitmap_runs = _impl.bitmap_runs
+bitmap_count = _impl.bitmap_count
+bitmap_set_range = _impl.bitmap_set_range
+bitmap_or = _impl.bitmap_or
+bitmap_andnot = _impl.bitmap_andnot
+is_zero = _impl.is_zero
+sector_zero_mask = _impl.sector_zero_mask
+merge_block = _impl.merge_block
+scan_bat = _impl.scan_bat
+count_runs_in_blocks = _impl.count_runs_in_blocks
