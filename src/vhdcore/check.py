@@ -381,6 +381,7 @@ class _Collector:
     def __init__(self, a: FileAnalysis) -> None:
         self.a = a
         self.counts: dict[str, int] = {}
+        self.unlisted: dict[str, int] = {}  # hits counted by ``room`` but never passed to ``add``
 
     def add(self, code: str, offset: int | None, field_: str | None, message: str, *, repairable: bool = False,
             severity: str | None = None) -> None:
@@ -391,12 +392,21 @@ class _Collector:
         self.a.findings.append(Finding(code, severity or CODES[code][0], offset, field_, message, self.a.path,
                                        repairable))
 
+    def room(self, code: str, hits: np.ndarray) -> np.ndarray:
+        """The hits still worth a finding of their own; the rest are only counted (no per-entry Python loop
+        over a hostile BAT of millions of entries)."""
+        left = max(0, MAX_FINDINGS_PER_CODE - self.counts.get(code, 0))
+        if len(hits) > left:
+            self.unlisted[code] = self.unlisted.get(code, 0) + len(hits) - left
+        return hits[:left]
+
     def finish(self) -> None:
         for code, n in self.counts.items():
-            if n > MAX_FINDINGS_PER_CODE:
+            more = n - MAX_FINDINGS_PER_CODE + self.unlisted.get(code, 0) if n > MAX_FINDINGS_PER_CODE else \
+                self.unlisted.get(code, 0)
+            if more > 0:
                 self.a.findings.append(Finding("TOO_MANY_FINDINGS", INFO, None, None,
-                                               f"{n - MAX_FINDINGS_PER_CODE} more {code} findings not listed",
-                                               self.a.path))
+                                               f"{more} more {code} findings not listed", self.a.path))
 
 
 def _pad(n: int) -> int:
@@ -749,13 +759,13 @@ def _check_bat(f: _File, a: FileAnalysis, c: _Collector, table_off: int, mte: in
         return i, f"bat[{i}]", table_off + 4 * i, int(starts[k]), int(ends[k])
 
     past = np.flatnonzero(ends > limit)
-    for k in past:
+    for k in c.room("BAT_ENTRY_PAST_EOF", past):
         i, fld, off, s, e = entry(int(k))
         c.add("BAT_ENTRY_PAST_EOF", off, fld, f"block {i} at {s}..{e} ends past {limit}"
               f" ({'the footer' if limit != f.size else 'the end of the file'})")
     for name, ms, me in a.metadata:
         hit = np.flatnonzero((starts < me) & (ends > ms))
-        for k in hit:
+        for k in c.room("BAT_ENTRY_IN_METADATA", hit):
             i, fld, off, s, e = entry(int(k))
             c.add("BAT_ENTRY_IN_METADATA", off, fld, f"block {i} at {s}..{e} overlaps the {name} at {ms}..{me}")
     if len(idx) > 1:
@@ -764,7 +774,7 @@ def _check_bat(f: _File, a: FileAnalysis, c: _Collector, table_off: int, mte: in
         e_sorted = ends[order]
         # Every block has the same span, so the nearest earlier block is the one to compare with.
         clash = np.flatnonzero(s_sorted[1:] < e_sorted[:-1])
-        for k in clash:
+        for k in c.room("BAT_ENTRY_OVERLAP", clash):
             first = int(idx[order[k]])
             second = int(idx[order[k + 1]])
             i, fld, off, s, e = entry(int(order[k + 1]))
