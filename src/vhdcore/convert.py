@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _kernels as K
 from .chain import Disk, open_chain
+from .fileio import pwrite_all
 from .create import DEFAULT_BLOCK_SIZE, _check_size, atomic_output, make_footer, write_dynamic_layout
 from .image import BLOCK_DATA_ALIGNMENT
 from .structs import FOOTER_SIZE, HEADER_SIZE, NO_DATA_OFFSET, SECTOR_SIZE, DiskType, bitmap_bytes
@@ -87,7 +88,7 @@ def _to_flat(disk: Disk, dst: str, fixed: bool, progress: ProgressFn | None) -> 
                 if K.is_zero(part):
                     skipped += n
                 else:
-                    _pwrite_all(fd, part, pos)
+                    pwrite_all(fd, [part], pos)
                     written += n
                 pos += n
                 done += n
@@ -129,7 +130,7 @@ def _to_dynamic(disk: Disk, dst: str, block_size: int, progress: ProgressFn | No
             else:
                 # Data of every block starts page-aligned, like the blocks vhdcore appends elsewhere.
                 pos = -(-(pos + bm_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm_size
-                _pwritev_all(fd, [full_bitmap, mv], pos)
+                pwrite_all(fd, [full_bitmap, mv], pos)
                 bat[b] = pos // SECTOR_SIZE
                 pos += bm_size + block_size
                 written += bm_size + block_size
@@ -142,17 +143,3 @@ def _to_dynamic(disk: Disk, dst: str, block_size: int, progress: ProgressFn | No
         os.pwrite(fd, footer, pos)
         os.ftruncate(fd, pos + FOOTER_SIZE)
     return ConvertReport("", dst, "dynamic", size, read, written, nblocks, skipped, 0, 0.0)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
-
-
-def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
-    total = sum(len(b) for b in bufs)
-    done = os.pwritev(fd, bufs, offset)
-    if done < total:
-        flat = memoryview(b"".join(bytes(b) for b in bufs))
-        _pwrite_all(fd, flat[done:], offset + done)

@@ -28,6 +28,7 @@ from .exceptions import (
     UnsupportedFeatureError,
     VHDError,
 )
+from .fileio import preadinto_exact, pwrite_all, zero_fill  # noqa: F401 - zero_fill re-exported
 from .geometry import Geometry
 from .structs import (
     FOOTER_SIZE,
@@ -63,17 +64,6 @@ _ZEROS = bytes(4 * 1024 * 1024)
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-def zero_fill(mv: memoryview) -> None:
-    """Zero a writable byte view without allocating a buffer of its size."""
-    n = len(mv)
-    pos = 0
-    step = len(_ZEROS)
-    while pos < n:
-        k = min(step, n - pos)
-        mv[pos : pos + k] = _ZEROS[:k]
-        pos += k
 
 
 class Image:
@@ -343,26 +333,16 @@ class Image:
         return bytes(buf)
 
     def preadinto(self, offset: int, mv: memoryview) -> None:
-        n = len(mv)
-        done = 0
-        while done < n:
-            got = os.preadv(self.fd, [mv[done:]], offset + done)
-            if got <= 0:
-                raise CorruptImageError(f"file ends before the {n} bytes at offset {offset}", path=self.path,
-                                        offset=offset + done, field="data", value=self.file_size)
-            done += got
+        got = preadinto_exact(self.fd, mv, offset)
+        if got < len(mv):
+            raise CorruptImageError(f"file ends before the {len(mv)} bytes at offset {offset}", path=self.path,
+                                    offset=offset + got, field="data", value=self.file_size)
 
     def pwrite(self, offset: int, data: Sequence[bytes | memoryview] | bytes | memoryview) -> None:
         if not self.writable:
             raise ReadOnlyError("disk is opened read-only", path=self.path, offset=offset)
         bufs = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-        total = sum(len(b) for b in bufs)
-        done = os.pwritev(self.fd, bufs, offset)
-        if done != total:  # rare on regular files; finish piecewise
-            flat = memoryview(b"".join(bytes(b) for b in bufs))
-            while done < total:
-                done += os.pwrite(self.fd, flat[done:], offset + done)
-        end = offset + total
+        end = offset + pwrite_all(self.fd, bufs, offset)
         if end > self.file_size:
             self.file_size = end
 
