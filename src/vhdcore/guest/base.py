@@ -1,0 +1,272 @@
+"""Shared pieces of the guest layer: the reader protocol, bounded reads, and the result types.
+
+The guest layer reads partition tables and file-system allocation structures straight from a virtual disk,
+without mounting anything. It works on any object with ``.size`` and ``.read(offset, n) -> bytes`` (a
+``vhdcore.Disk``, or a raw image wrapped in a tiny reader class).
+
+Every read goes through :class:`Region`, which refuses to leave the partition or file system being parsed, so a
+hostile field can never make a parser read (or allocate) past what the structure it describes can hold.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+
+from .. import _kernels as K
+from ..exceptions import InvalidFormatError
+
+__all__ = [
+    "DiskReader", "Region", "Partition", "FileSystemUsage", "GuestReport", "reader_path", "count_set_bits",
+    "clear_tail", "unknown_usage", "RawFileReader", "FREE_RUNS_CHUNK_BITS",
+]
+
+# free_ranges() walks the bitmap in slices of this many bits so that the run list of one slice stays small
+# however large (and however fragmented) the file system is.
+FREE_RUNS_CHUNK_BITS = 1 << 24
+
+
+@runtime_checkable
+class DiskReader(Protocol):
+    """What the guest layer needs from a disk: its size and random reads."""
+
+    size: int
+
+    def read(self, offset: int, n: int) -> bytes: ...
+
+
+def reader_path(reader: Any) -> str | None:
+    """The file behind a reader, for error messages (a vhdcore Disk names its leaf)."""
+    for obj in (reader, getattr(reader, "leaf", None)):
+        p = getattr(obj, "path", None)
+        if isinstance(p, (str, os.PathLike)):
+            return os.fspath(p)
+    return None
+
+
+class Region:
+    """A window ``[offset, offset + size)`` of a disk; reads outside it raise :class:`InvalidFormatError`.
+
+    Offsets given to :meth:`read` are relative to the window; errors report the absolute disk offset.
+    """
+
+    def __init__(self, reader: DiskReader, offset: int, size: int, what: str = "partition") -> None:
+        disk_size = int(reader.size)
+        if offset < 0 or size < 0 or offset + size > disk_size:
+            raise InvalidFormatError(f"{what} [{offset}, {offset + size}) lies outside the disk of {disk_size} bytes",
+                                     path=reader_path(reader), offset=offset, field=f"{what}.size", value=size)
+        self.reader = reader
+        self.offset = offset
+        self.size = size
+        self.what = what
+        self.path = reader_path(reader)
+
+    def error(self, message: str, rel_offset: int | None = None, field: str | None = None,
+              value: Any = None) -> InvalidFormatError:
+        off = None if rel_offset is None else self.offset + rel_offset
+        return InvalidFormatError(message, path=self.path, offset=off, field=field, value=value)
+
+    def read(self, rel_offset: int, n: int, field: str = "read") -> bytes:
+        if n < 0 or rel_offset < 0 or rel_offset + n > self.size:
+            raise self.error(f"{field}: {n} bytes at {rel_offset} lie outside the {self.what} of {self.size} bytes",
+                             rel_offset if rel_offset >= 0 else None, field, rel_offset)
+        if n == 0:
+            return b""
+        data = self.reader.read(self.offset + rel_offset, n)
+        if len(data) != n:
+            raise self.error(f"{field}: short read ({len(data)} of {n} bytes)", rel_offset, field, len(data))
+        return bytes(data) if not isinstance(data, bytes) else data
+
+    def sub(self, rel_offset: int, size: int, what: str) -> "Region":
+        if rel_offset < 0 or size < 0 or rel_offset + size > self.size:
+            raise self.error(f"{what} [{rel_offset}, {rel_offset + size}) lies outside the {self.what}",
+                             rel_offset if rel_offset >= 0 else None, f"{what}.size", size)
+        return Region(self.reader, self.offset + rel_offset, size, what)
+
+
+@dataclass
+class Partition:
+    """One entry of the disk's partition table (``index`` is 1-based, as Linux numbers them)."""
+
+    index: int
+    offset: int  # bytes from the start of the virtual disk
+    size: int  # bytes
+    type_id: str  # MBR: "0x83"; GPT: the type GUID in its usual text form
+    type_name: str  # "unknown" when the table's type is not one we know
+    scheme: str = "mbr"  # "mbr" | "gpt" | "none" (a file system spanning the disk)
+    name: str = ""  # GPT partition name
+    uuid: str = ""  # GPT unique partition GUID
+    bootable: bool = False
+    logical: bool = False  # MBR logical partition inside an extended one
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(eq=False)
+class FileSystemUsage:
+    """What one file system's own allocation structures say about its space.
+
+    ``bitmap`` holds ``cluster_count`` bits, LSB-first (bit ``i`` of the array = cluster ``i`` in use), and cluster
+    ``i`` lies at disk offset ``bitmap_origin + i * cluster_size``. Whatever part of ``[offset, offset + size)``
+    the bitmap does not cover (FAT's reserved sectors, FATs and root directory before cluster 2; slack after the
+    last whole cluster) is file-system metadata and counts as used; ``free_ranges()`` never returns it.
+
+    ``used_bytes + free_bytes == size``; ``free_bytes == free_clusters * cluster_size``.
+    """
+
+    type: str  # "ext2" | "ext3" | "ext4" | "ntfs" | "fat12" | "fat16" | "fat32" | "unknown"
+    offset: int  # disk offset of the file system's first byte
+    size: int  # bytes the file system spans on the disk
+    cluster_size: int
+    cluster_count: int  # bits in the bitmap
+    used_clusters: int
+    bitmap: np.ndarray  # uint8, LSB-first, ceil(cluster_count / 8) bytes, bits past cluster_count are zero
+    bitmap_origin: int  # disk offset of cluster 0 of the bitmap
+    used_bytes: int
+    free_bytes: int
+    partition_index: int | None = None
+    label: str | None = None
+    uuid: str | None = None
+    metadata_bytes: int = 0  # bytes of [offset, offset+size) outside the bitmap (always used)
+    details: dict[str, Any] = field(default_factory=dict)  # per-FS figures (tool-comparable counts)
+    notes: list[str] = field(default_factory=list)  # discrepancies found while reading
+
+    @property
+    def free_clusters(self) -> int:
+        return self.cluster_count - self.used_clusters
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+    def cluster_offset(self, cluster: int) -> int:
+        """Disk offset of ``cluster`` (a bit index of ``bitmap``)."""
+        return self.bitmap_origin + cluster * self.cluster_size
+
+    def free_ranges(self) -> Iterator[tuple[int, int]]:
+        """Byte ranges ``(disk_offset, length)`` the file system marks free, in order, adjacent runs merged."""
+        cs = self.cluster_size
+        n = self.cluster_count
+        if n == 0:
+            return
+        bm = self.bitmap
+        pending: tuple[int, int] | None = None  # (first cluster, count), carried across slice boundaries
+        for lo in range(0, n, FREE_RUNS_CHUNK_BITS):
+            hi = min(n, lo + FREE_RUNS_CHUNK_BITS)
+            # A byte-aligned slice, so neither backend touches more of the bitmap than this slice.
+            for first, length, is_set in K.bitmap_runs(bm[lo // 8 : -(-hi // 8)], 0, hi - lo, msb_first=False):
+                if is_set:
+                    continue
+                first += lo
+                if pending is not None and pending[0] + pending[1] == first:
+                    pending = (pending[0], pending[1] + length)
+                    continue
+                if pending is not None:
+                    yield self.bitmap_origin + pending[0] * cs, pending[1] * cs
+                pending = (first, length)
+        if pending is not None:
+            yield self.bitmap_origin + pending[0] * cs, pending[1] * cs
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly view without the bitmap."""
+        d = {k: getattr(self, k) for k in (
+            "type", "offset", "size", "cluster_size", "cluster_count", "used_clusters", "bitmap_origin",
+            "used_bytes", "free_bytes", "metadata_bytes", "partition_index", "label", "uuid")}
+        d["free_clusters"] = self.free_clusters
+        d["details"] = dict(self.details)
+        d["notes"] = list(self.notes)
+        return d
+
+    to_dict = summary
+
+
+def count_set_bits(bitmap: np.ndarray, nbits: int) -> int:
+    """Set bits among the first ``nbits`` of an LSB-first bitmap (through the kernels)."""
+    if nbits == 0:
+        return 0
+    total = 0
+    for lo in range(0, nbits, FREE_RUNS_CHUNK_BITS):
+        hi = min(nbits, lo + FREE_RUNS_CHUNK_BITS)
+        total += int(K.bitmap_count(bitmap[lo // 8 : -(-hi // 8)], 0, hi - lo, msb_first=False))
+    return total
+
+
+def clear_tail(bitmap: np.ndarray, nbits: int) -> None:
+    """Zero the bits at and after ``nbits`` in the last byte (file systems pad their last group with ones)."""
+    if nbits % 8 and len(bitmap) * 8 > nbits:
+        bitmap[nbits // 8] &= (1 << (nbits % 8)) - 1
+    if len(bitmap) > -(-nbits // 8):
+        bitmap[-(-nbits // 8):] = 0
+
+
+@dataclass
+class GuestReport:
+    """The guest view of one virtual disk: its partition table and the file systems found in it."""
+
+    disk_size: int
+    partition_table: str  # "mbr" | "gpt" | "none" (file system at offset 0) | "empty" (nothing recognised)
+    partitions: list[Partition]
+    filesystems: list[FileSystemUsage]  # recognised file systems, plus "unknown" entries for the rest
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(fs.used_bytes for fs in self.filesystems if fs.type != "unknown")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "disk_size": self.disk_size,
+            "partition_table": self.partition_table,
+            "partitions": [p.to_dict() for p in self.partitions],
+            "filesystems": [fs.summary() for fs in self.filesystems],
+            "warnings": list(self.warnings),
+            "seconds": self.seconds,
+        }
+
+
+def unknown_usage(offset: int, size: int, partition_index: int | None, note: str) -> FileSystemUsage:
+    """A region holding nothing we recognise: all of it counts as used, never as free."""
+    return FileSystemUsage(
+        type="unknown", offset=offset, size=size, cluster_size=512, cluster_count=0, used_clusters=0,
+        bitmap=np.zeros(0, dtype=np.uint8), bitmap_origin=offset, used_bytes=size, free_bytes=0,
+        partition_index=partition_index, metadata_bytes=size, notes=[note])
+
+
+class RawFileReader:
+    """A raw disk image file (or a block device) as a :class:`DiskReader`; a context manager."""
+
+    def __init__(self, path: str | os.PathLike[str], offset: int = 0, size: int | None = None) -> None:
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            end = os.lseek(self._fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._base = offset
+        self.size = (end - offset) if size is None else size
+
+    def read(self, offset: int, n: int) -> bytes:
+        if offset < 0 or n < 0:
+            raise ValueError(f"negative read ({offset}, {n})")
+        n = max(0, min(n, self.size - offset))
+        return os.pread(self._fd, n, self._base + offset) if n else b""
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "RawFileReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
