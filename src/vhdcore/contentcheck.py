@@ -473,6 +473,12 @@ class _Checker:
             if self.pos >= self.size:
                 self._tail(view, n)
                 return
+            if view is None and self.fill == 0 and n >= self.bs:
+                whole = min(n, self.size - self.pos) // self.bs
+                if whole:
+                    self._zero_blocks(whole)
+                    n -= whole * self.bs
+                    continue
             take = min(n, self.bs - self.fill, self.size - self.pos)
             if view is None:
                 # Zeros are written into the block only once it also holds data (lazily, below).
@@ -489,6 +495,33 @@ class _Checker:
             n -= take
             if self.fill == self.bs or self.pos == self.size:
                 self._check_block()
+
+    def _zero_blocks(self, count: int) -> None:
+        """``count`` whole blocks of zeros from the target: the reference is asked where it holds data
+        (its manifest entries, or its allocation map) instead of being read block by block."""
+        start, end = self.pos, self.pos + count * self.bs
+        ref = self.ref
+        if ref.manifest is not None:
+            first = start // self.bs
+            for i, entry in enumerate(ref.manifest.entries[first : first + count]):
+                if entry.digest != self.zero_digest:
+                    off = start + i * self.bs
+                    raise _Mismatch(off, f"block at offset {off} ({self.bs} bytes) differs from the manifest")
+        else:
+            assert ref.disk is not None
+            for ext in ref.disk.allocated_extents(start, end - start):
+                pos = ext.offset
+                while pos < ext.end:
+                    k = min(len(self.other), ext.end - pos)
+                    part = self.other[:k]
+                    ref.disk.readinto(pos, part)
+                    if not K.is_zero(part):
+                        off = pos + int(np.flatnonzero(np.frombuffer(part, dtype=np.uint8))[0])
+                        raise _Mismatch(off, f"first difference at offset {off} (the target holds zeros there)")
+                    pos += k
+        self.pos = end
+        self.blocks += count
+        self.progress(self.pos, self.size, state="verifying")
 
     def _tail(self, view: memoryview | None, n: int) -> None:
         if view is not None and self.first_nonzero_tail is None and not K.is_zero(view[:n]):
