@@ -10,6 +10,8 @@ stays cheap for scripts that only read.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from ._kernels import BACKEND
@@ -50,6 +52,24 @@ _LAZY = {
     "ExportReport": "export",
     "verify": "export",
 }
+
+
+class _Package(types.ModuleType):
+    """The package module, guarding the public functions that share their name with their module.
+
+    When ``vhdcore.convert`` (the module) is first imported by any route other than ``__getattr__`` below (the
+    CLI's ``from ..convert import convert``, a user's ``from vhdcore.convert import ConvertReport``), the import
+    system binds the *module* as the package attribute, and ``vhdcore.convert(...)`` then fails with "'module'
+    object is not callable". Binding the function instead keeps the documented API whatever was imported first.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
