@@ -181,8 +181,8 @@ def test_disk_size_not_a_multiple_of_the_block(tmp_path) -> None:
 
 def test_small_batches_many_commits(tmp_path) -> None:
     parent, child, model = layered_chain(tmp_path, block_size=512 * 1024, nblocks=24)
-    rep = coalesce(child, batch_bytes=600 * 1024)  # one new block per batch
-    assert rep.syncs >= 2 * rep.blocks_allocated
+    rep = coalesce(child, batch_bytes=1)  # a commit (one sync) per new block, plus the reservation's
+    assert rep.blocks_allocated == 8 and rep.syncs >= rep.blocks_allocated + 1
     assert content(parent) == model
     assert_clean(parent)
 
@@ -556,8 +556,8 @@ def test_cli_refusal_is_one_line(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "vhdcore", "coalesce", str(paths[1]), "--force", "other-children",
                         "--progress", "json", "--remove-child"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    lines = [json.loads(x) for x in r.stderr.splitlines()]
-    assert lines[-1]["done"] == lines[-1]["total"] and lines[-1]["operation"] == "coalesce"
+    lines = [json.loads(x) for x in (r.stdout + r.stderr).splitlines() if x.startswith("{")]
+    assert lines[-1]["done"] == lines[-1]["total"] > 0 and lines[-1]["state"] == "coalescing"
     assert "removed" in r.stdout and not paths[1].exists()
 
 

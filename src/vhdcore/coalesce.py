@@ -1,40 +1,35 @@
 """Coalesce: write every sector a differencing child holds into its parent (or, with ``into``, every layer from
 the leaf down to an ancestor, into that ancestor, each sector once from the topmost layer that holds it).
 
-How it stays fast: the work goes target block by target block. For each, the source layers' sector bitmaps are
-combined first (top layer wins: each lower layer contributes only the sectors no higher layer holds), so each
-target block is written exactly once: a full block from a single layer is one kernel-side ``copy_file_range`` (or
-one vectored write when its bytes must be looked at), a partial block is assembled in memory with the
-``merge_block`` kernel over the target's current bytes and written once. Writes into new file space go as
-vectors of 256 KiB pieces (one 2 MiB piece is several times slower on this kernel: see machine-facts.md).
+How it stays fast: the work goes target block by target block (the target's existing blocks in their file order,
+then new blocks in virtual order, appended). For each, the source layers' sector bitmaps are combined first (top
+layer wins: a lower layer contributes only the sectors no higher layer holds), so each target sector is written
+once:
 
-How it stays safe (the child overlays the parent, so a reader of the child must see the same bytes whatever
-instant the process dies, and the parent's metadata must never point at data not yet on disk):
+* a full block from one layer is one kernel-side ``copy_file_range`` (or one vectored write when its bytes must be
+  looked at: the zero test below);
+* a partial block that goes into a new target block is assembled in memory (zeros, or the target's own bytes,
+  with the ``merge_block`` kernel laying the source sectors over them) and written once;
+* a partial block over an existing target block with few runs has just its runs written (no read of the target,
+  no rewrite of the sectors it keeps; runs from ``bitmap_runs``); with many runs it is merged and written whole.
+* zero-aware: a merged block that is all zeros, over a target block that is unallocated with nothing allocated
+  under it, is not allocated (it reads as zeros already). Over a differencing target zeros must be written.
 
-* data written over the target's existing blocks (or a fixed target) is shadowed by the child, so it may land at
-  any time;
-* new target blocks are appended in batches inside a *reserved region*: a footer is first written (and made
-  durable) at the region's end, so the file always ends with a valid footer even while the old footer's sector
-  is overwritten by block data; the blocks are written, ``fdatasync``; only then the BAT entries (and, for a
-  differencing target, the bitmaps of its existing blocks) are written, and made durable together with the next
-  region's footer. Two syncs per batch, not per block. A crash leaves at worst unused space before the footer
-  (``check`` reports it as information), never a BAT entry or bitmap bit over unwritten data;
-* removing the child (``remove_child``) happens only after the target is durable (and verified, if asked):
-  its children are relinked to the target, then it is deleted. A journal beside the child makes a rerun after a
-  crash in that phase finish the job instead of refusing because of the children already relinked.
+Writes into new file space go as vectors of 256 KiB pieces (single 2 MiB writes run several times slower on this
+kernel: machine-facts.md). How the target's metadata stays behind its data, and the fault-injection hooks the
+crash tests use, are in ``coalesce_writer``.
 
-Fault injection (tests only): every write coalesce makes goes through ``_IO``, the one documented
-fault-injection point. With ``VHDCORE_FAULT_AFTER_WRITES=N`` in the environment the N-th write (1-based, counting
-pwrite/pwritev/copy_file_range/ftruncate on any file coalesce modifies) fails; ``VHDCORE_FAULT_ACTION`` says how:
-``eio`` (raise OSError EIO, the default), ``kill`` (SIGKILL the process before the write) or ``torn`` (write the
-first half, sector-rounded, then SIGKILL). Nothing else reads these variables.
+Safety: refused (UnsafeOperationError naming the override) when other disks depend on the target or an
+intermediate layer, when a parent's unique id is not the one its child records, or when a disk is in saved state.
+``remove_child`` acts only once the target is durable (and verified, if asked): the child's children are relinked
+to the target, then the merged layers are deleted; a journal beside the child lets a rerun after a crash in that
+phase finish the job instead of refusing because of the children already relinked.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -55,7 +50,9 @@ from .exceptions import (
     VHDError,
 )
 from .geometry import vhd_timestamp
-from .image import BLOCK_DATA_ALIGNMENT, Image, zero_fill
+from .coalesce_writer import TargetWriter, WriteIO, pieces
+from .image import Image
+from .progress import as_progress
 from .relink import dependents, fsync_dir, journal_path, read_journal, relink, write_journal
 from .structs import FOOTER_SIZE, SECTOR_SIZE, UNUSED_BAT_ENTRY
 
@@ -66,13 +63,11 @@ FORCE_PARENT_ID = "parent-id"
 FORCE_SAVED_STATE = "saved-state"
 FORCE_CHOICES = (FORCE_OTHER_CHILDREN, FORCE_PARENT_ID, FORCE_SAVED_STATE)
 
-# New blocks written between two metadata commits. Larger batches mean fewer syncs (each one stalls the
-# pipeline); the BAT entries of a batch are the only thing a crash can lose (as unused space).
+# New blocks written between two metadata commits (each commit is one fdatasync, overlapped with the next batch).
 DEFAULT_BATCH_BYTES = 256 * MiB
-# Bitmaps of existing differencing blocks waiting for their data to be durable, before a commit is forced.
-_MAX_PENDING_BITMAP_BYTES = 8 * MiB
-# Writes into new file space are split into iovecs of this size (2 MiB single writes run at a fraction of it).
-WRITE_PIECE = 256 * 1024
+# A partial block over an existing target block with at most this many runs has its runs written one by one
+# (each a page-cache write, no metadata); with more, it is merged in memory and written whole.
+MAX_RUN_WRITES = 64
 # A fixed target has no blocks: it is processed in units of the child's block size, at most this.
 _MAX_FIXED_UNIT = 8 * MiB
 
@@ -129,78 +124,23 @@ class CoalesceReport:
         return d
 
 
-# --------------------------------------------------------------------------------------------- I/O layer
+# --------------------------------------------------------------------------------------------- helpers
 
 
-class _IO:
-    """Every write coalesce makes. Counts them, and is the documented fault-injection point (module docstring)."""
-
-    def __init__(self) -> None:
-        self.writes = 0
-        self.syncs = 0
-        self.fault_at = 0
-        self.fault_action = "eio"
-        raw = os.environ.get("VHDCORE_FAULT_AFTER_WRITES")
-        if raw:
-            self.fault_at = int(raw)
-            self.fault_action = os.environ.get("VHDCORE_FAULT_ACTION", "eio")
-            if self.fault_action not in ("eio", "kill", "torn"):
-                raise ValueError(f"VHDCORE_FAULT_ACTION must be eio, kill or torn, not {self.fault_action!r}")
-
-    def _fault(self, fd: int, bufs: list | None, offset: int) -> None:
-        if self.writes + 1 != self.fault_at:
-            return
-        if self.fault_action == "eio":
-            raise OSError(errno.EIO, f"injected fault at write {self.writes} (VHDCORE_FAULT_AFTER_WRITES)")
-        if self.fault_action == "torn" and bufs:
-            flat = b"".join(bytes(b) for b in bufs)
-            half = len(flat) // 2 // SECTOR_SIZE * SECTOR_SIZE
-            if half:
-                os.pwrite(fd, flat[:half], offset)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def pwritev(self, fd: int, bufs: list, offset: int) -> None:
-        if self.fault_at:
-            self._fault(fd, bufs, offset)
-        self.writes += 1
-        total = sum(len(b) for b in bufs)
-        done = os.pwritev(fd, bufs, offset)
-        if done < total:  # rare on regular files: finish piecewise
-            flat = memoryview(b"".join(bytes(b) for b in bufs))
-            while done < total:
-                done += os.pwrite(fd, flat[done:], offset + done)
-
-    def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
-        """Kernel-side copy of ``n`` bytes (raises OSError EXDEV/ENOSYS/... when the file systems cannot)."""
-        if self.fault_at:
-            if self.fault_action == "torn" and self.writes + 1 == self.fault_at:
-                half = n // 2 // SECTOR_SIZE * SECTOR_SIZE
-                self._fault(dst_fd, [os.pread(src_fd, half, src_off)], dst_off)
-            self._fault(dst_fd, None, dst_off)
-        self.writes += 1
-        done = 0
-        while done < n:
-            got = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
-            if got <= 0:
-                raise OSError(errno.EIO, f"copy_file_range copied nothing at source offset {src_off + done}")
-            done += got
-
-    def ftruncate(self, fd: int, size: int) -> None:
-        if self.fault_at:
-            self._fault(fd, None, size)
-        self.writes += 1
-        os.ftruncate(fd, size)
-
-    def fdatasync(self, fd: int) -> None:
-        self.syncs += 1
-        os.fdatasync(fd)
+def _zero(mv: memoryview) -> None:
+    """memset through numpy: several times faster than slice assignment from a zero buffer."""
+    if len(mv):
+        np.frombuffer(mv, dtype=np.uint8).fill(0)
 
 
-def _pieces(mv: memoryview) -> list[memoryview]:
-    return [mv[i : i + WRITE_PIECE] for i in range(0, len(mv), WRITE_PIECE)]
+def _preadinto(fd: int, mv: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(mv):
+        got = os.preadv(fd, [mv[done:]], offset + done)
+        if got <= 0:
+            raise OSError(errno.EIO, f"short read at offset {offset + done}")
+        done += got
 
-
-# --------------------------------------------------------------------------------------------- bit helpers
 
 
 def _copy_bits(dst: bytearray, dst_bit: int, src: bytes, src_bit: int, n: int) -> None:
@@ -310,143 +250,18 @@ def _lock_shared(img: Image) -> None:
         raise
 
 
-# --------------------------------------------------------------------------------------------- the target
-
-
-class _TargetWriter:
-    """Writes into the target and keeps its metadata behind its data (see the module docstring)."""
-
-    def __init__(self, img: Image, io: _IO, batch_bytes: int, new_candidates: int) -> None:
-        self.img = img
-        self.io = io
-        self.fd = img.fd
-        # The footer's own bytes, not a re-pack: a footer read with a bad checksum (strict=False) stays as it was
-        # and identical to its copy at offset 0.
-        self.footer = (img.pread(img.footer_offset, min(FOOTER_SIZE, img.file_size - img.footer_offset))
-                       .ljust(FOOTER_SIZE, b"\0") if not img.is_fixed else b"")
-        self.span = img.bitmap_size + img.block_size if not img.is_fixed else 0
-        self.batch_blocks = max(1, batch_bytes // max(self.span, 1))
-        self.pos = img.data_end() if not img.is_fixed else 0  # where the next new block may start
-        self.region_end = -1  # where the reserved region's footer is; -1: nothing reserved
-        self.remaining = new_candidates  # candidate new blocks not yet placed or skipped
-        self.pending_bat: dict[int, int] = {}
-        self.pending_bitmaps: list[tuple[int, int, bytes]] = []
-        self.pending_bitmap_bytes = 0
-        self.unsynced = False
-
-    def _slot_after(self, pos: int) -> int:
-        bm = self.img.bitmap_size
-        return -(-(pos + bm) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm
-
-    def _reserve(self) -> None:
-        """Write the footer at the end of a region big enough for the next batch of new blocks."""
-        n = max(1, min(self.remaining, self.batch_blocks))
-        end = self.pos
-        for _ in range(n):
-            end = self._slot_after(end) + self.span
-        self.region_end = end
-        self.io.pwritev(self.fd, [self.footer], end)
-        self.unsynced = True
-
-    def new_slot(self) -> int:
-        """File offset for the next new block (its bitmap; data follows)."""
-        off = self._slot_after(self.pos)
-        if self.region_end < 0 or off + self.span > self.region_end:
-            self.commit(reserve=True)
-            off = self._slot_after(self.pos)
-        self.pos = off + self.span
-        self.remaining -= 1
-        return off
-
-    def skip_candidate(self) -> None:
-        self.remaining -= 1
-
-    def write(self, bufs: list, offset: int) -> None:
-        self.io.pwritev(self.fd, bufs, offset)
-        self.unsynced = True
-
-    def copy(self, src_fd: int, src_off: int, dst_off: int, n: int) -> None:
-        self.io.copy(src_fd, src_off, self.fd, dst_off, n)
-        self.unsynced = True
-
-    def add_block(self, block: int, offset: int) -> None:
-        self.pending_bat[block] = offset // SECTOR_SIZE
-
-    def add_bitmap(self, block: int, offset: int, bitmap: bytes) -> None:
-        self.pending_bitmaps.append((block, offset, bitmap))
-        self.pending_bitmap_bytes += len(bitmap)
-        if self.pending_bitmap_bytes >= _MAX_PENDING_BITMAP_BYTES:
-            self.commit(reserve=False)
-
-    def commit(self, reserve: bool) -> None:
-        """Data durable, then the metadata that points at it (and the next region's footer), durable."""
-        if not (self.pending_bat or self.pending_bitmaps or reserve):
-            return
-        if self.unsynced:
-            self.io.fdatasync(self.fd)
-            self.unsynced = False
-        img = self.img
-        if self.pending_bat:
-            bat = img.bat
-            blocks = sorted(self.pending_bat)
-            for b in blocks:
-                bat[b] = self.pending_bat[b]
-            # Runs of neighbouring entries go in one write each (unchanged entries in a run rewrite themselves).
-            start = prev = blocks[0]
-            for b in blocks[1:] + [None]:
-                if b is not None and b - prev <= 128:
-                    prev = b
-                    continue
-                self.io.pwritev(self.fd, [bat[start : prev + 1].astype(">u4").tobytes()],
-                                img.header.table_offset + 4 * start)
-                if b is not None:
-                    start = prev = b
-            img._alloc_cache = None
-            self.pending_bat.clear()
-            self.unsynced = True
-        for b, off, bm in self.pending_bitmaps:
-            self.io.pwritev(self.fd, [bm], off)
-            img._bitmap_cache.pop(b, None)
-            self.unsynced = True
-        self.pending_bitmaps.clear()
-        self.pending_bitmap_bytes = 0
-        if reserve and self.remaining > 0:
-            self._reserve()
-        if self.unsynced:
-            self.io.fdatasync(self.fd)
-            self.unsynced = False
-
-    def finish(self) -> None:
-        self.commit(reserve=False)
-        if self.region_end >= 0 and self.region_end > self.pos:
-            # The last region was not filled (all-zero blocks skipped): the footer moves to the real end, then
-            # the file is cut after it. Until the cut, the region's own footer is still the file's last sector.
-            self.io.pwritev(self.fd, [self.footer], self.pos)
-            self.io.fdatasync(self.fd)
-            self.io.ftruncate(self.fd, self.pos + FOOTER_SIZE)
-            self.io.fdatasync(self.fd)
-        if self.unsynced:
-            self.io.fdatasync(self.fd)
-            self.unsynced = False
-        img = self.img
-        img.file_size = os.fstat(self.fd).st_size
-        if not img.is_fixed:
-            img.footer_offset = img.file_size - FOOTER_SIZE
-            img.blocks_end = max(img.blocks_end, self.pos if self.region_end >= 0 else 0)
-
-
 # --------------------------------------------------------------------------------------------- the merge
 
 
 class _Merger:
-    def __init__(self, layers: list[Image], k: int, report: CoalesceReport, io: _IO, batch_bytes: int,
+    def __init__(self, layers: list[Image], k: int, report: CoalesceReport, io: WriteIO, batch_bytes: int,
                  use_copy_range: bool, progress: ProgressFn | None) -> None:
         self.sources = layers[:k]
         self.target = layers[k]
         self.below = layers[k + 1 :]
         self.report = report
         self.io = io
-        self.progress = progress
+        self.progress = as_progress(progress) if progress is not None else None
         self.use_copy_range = use_copy_range
         self.batch_bytes = batch_bytes
         self.limit = self.sources[0].size  # the leaf's view is what must survive
@@ -549,13 +364,13 @@ class _Merger:
             pieces.append((s - v0, int(bat[sb]) * SECTOR_SIZE + L.bitmap_size + (s - b0), e - s))
         return pieces
 
-    def _read_pieces(self, L: Image, pieces: list[tuple[int, int, int]], dst: memoryview) -> None:
-        for rel, foff, n in pieces:
+    def _read_pieces(self, L: Image, lp: list[tuple[int, int, int]], dst: memoryview) -> None:
+        for rel, foff, n in lp:
             L.preadinto(foff, dst[rel : rel + n])
 
     # ------------------------------------------------------------------------- one block
 
-    def merge(self, tb: int, w: _TargetWriter, is_new: bool) -> None:
+    def merge(self, tb: int, w: TargetWriter, is_new: bool) -> None:
         rep = self.report
         T = self.target
         U = self.unit
@@ -569,15 +384,15 @@ class _Merger:
         contrib: list[tuple[Image, list, bytes, int]] = []
         for L in self.sources:
             lbm[:] = self.zero_bm
-            pieces = self._layer_bitmap(L, v0, v1, lbm)
-            if not pieces:
+            layer_pieces = self._layer_bitmap(L, v0, v1, lbm)
+            if not layer_pieces:
                 continue
             if contrib:
                 K.bitmap_andnot(lbm, filled)  # sectors a higher layer holds are not this layer's to give
             c = K.bitmap_count(lbm, 0, nsec)
             if c == 0:
                 continue
-            contrib.append((L, pieces, bytes(lbm), c))
+            contrib.append((L, layer_pieces, bytes(lbm), c))
             K.bitmap_or(filled, lbm)
         if not contrib:
             if is_new:
@@ -588,10 +403,7 @@ class _Merger:
         full = copied == nsec
 
         # Where the block is in the target, and what the target held there.
-        if T.is_fixed:
-            dest: int | None = v0
-        else:
-            dest = T.block_file_offset(tb)
+        dest: int | None = v0 if T.is_fixed else T.block_file_offset(tb)
         tbm = T.read_bitmap(tb) if (dest is not None and T.is_differencing) else None
         if dest is not None:
             if tbm is None:
@@ -600,48 +412,48 @@ class _Merger:
                 only = bytearray(filled)
                 K.bitmap_andnot(only, memoryview(tbm)[: self.bm_bytes])
                 rep.shadowed_sectors += copied - K.bitmap_count(only, 0, nsec)
-        # A new block over nothing reads as zeros already: if the merged block is all zeros, skip it.
         zero_check = dest is None and not self.below_has_data(v0, v1)
 
+        single = len(contrib) == 1 and full
         direct = None
-        if len(contrib) == 1 and full and not zero_check and self.use_copy_range:
-            L, pieces = contrib[0][0], contrib[0][1]
-            if all(pieces[j][1] + pieces[j][2] == pieces[j + 1][1] for j in range(len(pieces) - 1)):
-                direct = (L.fd, pieces[0][1])
+        if single and not zero_check and self.use_copy_range:
+            L, lp = contrib[0][0], contrib[0][1]
+            if all(lp[j][1] + lp[j][2] == lp[j + 1][1] for j in range(len(lp) - 1)):
+                direct = (L.fd, lp[0][1])
         buf = memoryview(self.buf)[:n]
+
+        if dest is not None and direct is None and not full:
+            runs = [[r for r in K.bitmap_runs(mask, 0, nsec) if r[2]] for _L, _lp, mask, _c in contrib]
+            if sum(len(r) for r in runs) <= MAX_RUN_WRITES:
+                self._write_runs(w, contrib, runs, dest, n)
+                self._account(copied, single)
+                self._bitmap_update(w, tb, tbm)
+                self._advance(n)
+                return
+
         if direct is None:
             if not full:
                 if dest is not None:
                     T.preadinto(dest, buf)
                 else:
-                    zero_fill(buf)
+                    _zero(buf)
             tmp = memoryview(self.tmp)[:n]
-            for L, pieces, mask, c in contrib:
+            for L, lp, mask, c in contrib:
                 if c == nsec:
-                    self._read_pieces(L, pieces, buf)
+                    self._read_pieces(L, lp, buf)
                 else:
-                    self._read_pieces(L, pieces, tmp)
+                    self._read_pieces(L, lp, tmp)
                     K.merge_block(buf, tmp, mask)
             if zero_check and K.is_zero(buf):
                 rep.zero_blocks_skipped += 1
                 w.skip_candidate()
                 self._advance(n)
                 return
-
-        rep.blocks_copied += 1
-        rep.bytes_copied += copied * SECTOR_SIZE
-        if full and len(contrib) == 1:
-            rep.full_blocks += 1
-        else:
-            rep.partial_blocks += 1
+        self._account(copied, single)
 
         if dest is not None:
             self._write_data(w, direct, buf, dest, n)
-            if tbm is not None:
-                new = bytearray(tbm)
-                K.bitmap_or(memoryview(new)[: self.bm_bytes], filled)
-                if new != tbm:
-                    w.add_bitmap(tb, int(T.bat[tb]) * SECTOR_SIZE, bytes(new))
+            self._bitmap_update(w, tb, tbm)
         else:
             if T.is_differencing:
                 bm = bytearray(T.bitmap_size)
@@ -651,22 +463,48 @@ class _Merger:
                 bitmap = self.full_bitmap
             off = w.new_slot()
             data_off = off + T.bitmap_size
+            if n < U:  # the last block of a disk whose size is not a multiple of the block: zeros after its end
+                _zero(memoryview(self.buf)[n:U])
             if direct is not None:
                 w.write([bitmap], off)
                 self._write_data(w, direct, buf, data_off, n)
-                tail = U - n
-                if tail:
-                    w.write(_pieces(memoryview(bytes(tail))), data_off + n)
-            else:
                 if n < U:
-                    zero_fill(memoryview(self.buf)[n:U])
-                w.write([bitmap] + _pieces(memoryview(self.buf)[:U]), off)
+                    w.write(pieces(memoryview(self.buf)[n:U]), data_off + n)
+            else:
+                w.write([bitmap] + pieces(memoryview(self.buf)[:U]), off)
+            T._bitmap_cache.pop(tb, None)
             w.add_block(tb, off)
             rep.blocks_allocated += 1
-            T._bitmap_cache.pop(tb, None)
         self._advance(n)
 
-    def _write_data(self, w: _TargetWriter, direct, buf: memoryview, dest: int, n: int) -> None:
+    def _account(self, copied: int, single: bool) -> None:
+        rep = self.report
+        rep.blocks_copied += 1
+        rep.bytes_copied += copied * SECTOR_SIZE
+        if single:
+            rep.full_blocks += 1
+        else:
+            rep.partial_blocks += 1
+
+    def _bitmap_update(self, w: TargetWriter, tb: int, tbm: bytes | None) -> None:
+        """A differencing target's existing block: its bitmap gains the copied sectors (after their data)."""
+        if tbm is None:
+            return
+        new = bytearray(tbm)
+        K.bitmap_or(memoryview(new)[: self.bm_bytes], self.filled)
+        if new != tbm:
+            w.add_bitmap(tb, int(self.target.bat[tb]) * SECTOR_SIZE, bytes(new))
+
+    def _write_runs(self, w: TargetWriter, contrib: list, runs: list, dest: int, n: int) -> None:
+        """Each layer's runs straight from its block to the target (the target's other sectors untouched)."""
+        tmp = memoryview(self.tmp)[:n]
+        for (L, lp, _mask, _c), layer_runs in zip(contrib, runs):
+            self._read_pieces(L, lp, tmp)
+            for first, length, _present in layer_runs:
+                a, b = first * SECTOR_SIZE, (first + length) * SECTOR_SIZE
+                w.write(pieces(tmp[a:b]), dest + a)
+
+    def _write_data(self, w: TargetWriter, direct, buf: memoryview, dest: int, n: int) -> None:
         if direct is not None:
             try:
                 w.copy(direct[0], direct[1], dest, n)
@@ -675,13 +513,13 @@ class _Merger:
                 if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 self.use_copy_range = False  # this file system cannot: copy through memory from now on
-                os.preadv(direct[0], [buf], direct[1])
-        w.write(_pieces(buf), dest)
+                _preadinto(direct[0], buf, direct[1])
+        w.write(pieces(buf), dest)
 
     def _advance(self, n: int) -> None:
         self.done += n
         if self.progress is not None:
-            self.progress(self.done, self.total)
+            self.progress(self.done, self.total, state="coalescing")
 
     # ------------------------------------------------------------------------- whole run
 
@@ -692,13 +530,17 @@ class _Merger:
         self.total = int(np.minimum(self.unit, self.limit - blocks * self.unit).sum()) if len(blocks) else 0
         self.done = 0
         if self.progress is not None:
-            self.progress(0, self.total)
-        w = _TargetWriter(T, self.io, self.batch_bytes, int(len(new)))
-        for b in existing:
-            self.merge(int(b), w, False)
-        for b in new:
-            self.merge(int(b), w, True)
-        w.finish()
+            self.progress(0, self.total, state="coalescing")
+        w = TargetWriter(T, self.io, self.batch_bytes, int(len(new)))
+        try:
+            for b in existing:
+                self.merge(int(b), w, False)
+            for b in new:
+                self.merge(int(b), w, True)
+            w.finish()
+        except BaseException:
+            w.abort()
+            raise
 
 
 # --------------------------------------------------------------------------------------------- verification
@@ -783,6 +625,7 @@ def coalesce(
     layers = _open_layers(child, [os.fspath(d) for d in (parent_dirs or ())], strict, force_set, warnings)
     target_rw: Image | None = None
     fresh: list[Image] = []
+    ios: list[WriteIO] = []
     try:
         leaf = layers[0]
         if not leaf.is_differencing:
@@ -812,7 +655,8 @@ def coalesce(
         rep = CoalesceReport(child=leaf.path, target=target.path, target_type=target.disk_type.label,
                              merged_layers=[L.path for L in sources], backend=K.BACKEND, block_size=0,
                              target_size_before=target.file_size)
-        io = _IO()
+        io = WriteIO()
+        ios.append(io)
         merger = _Merger(layers, k, rep, io, batch_bytes, use_copy_range, progress)
         rep.block_size = merger.unit
         unit, limit = merger.unit, merger.limit
@@ -853,6 +697,8 @@ def coalesce(
         rep.seconds = time.perf_counter() - t0
         return rep
     finally:
+        for io_ in ios:
+            io_.close()
         for im in fresh:
             im.close()
         for im in layers:
@@ -918,7 +764,7 @@ def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str],
         warnings.append(f"{img.path}: merged although other disks depend on it: {names}")
 
 
-def _relink_and_remove(layers: list[Image], k: int, grandchildren: list[str], io: _IO,
+def _relink_and_remove(layers: list[Image], k: int, grandchildren: list[str], io: WriteIO,
                        rep: CoalesceReport) -> None:
     leaf, target = layers[0], layers[k]
     merged = [L.path for L in layers[:k]]
