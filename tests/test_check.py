@@ -214,3 +214,13 @@ def test_random_writes_keep_check_clean(tmp_path) -> None:
     with vhdcore.create(p, 16 * MiB, block_size=256 * 1024) as d:
         random_writes(d, model, random.Random(5), 40)
     assert check(p).clean
+
+
+def test_public_names_stay_functions() -> None:
+    """vhdcore.check / vhdcore.repair are the functions even after the other module was imported."""
+    import subprocess
+    import sys
+
+    code = ("import vhdcore; vhdcore.repair; import vhdcore.repair as r; "
+            "assert callable(vhdcore.check) and callable(vhdcore.repair), (vhdcore.check, vhdcore.repair)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import vhdcore
 from vhdcore.check import analyse_file, check
+from vhdcore.convert import convert
 from vhdcore.exceptions import VHDError
 from vhdcore.structs import FOOTER_SIZE, HEADER_SIZE, SECTOR_SIZE, checksum
 
@@ -375,7 +376,7 @@ def run_targets(m: Mutant, scratch: Path) -> dict:
             to = "raw" if size <= 64 * MiB else "dynamic"
             dst = scratch / f"out.{to}"
             try:
-                vhdcore.convert(m.leaf, dst, to=to, parent_dirs=dirs)
+                convert(m.leaf, dst, to=to, parent_dirs=dirs)
             except Exception as e:  # noqa: BLE001
                 raise FuzzFailure(f"convert of a disk that opens raised {type(e).__name__}: {e}") from e
             _compare_output(disk, dst, to)

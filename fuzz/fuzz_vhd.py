@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Long-run, coverage-guided fuzzing of vhdcore with atheris (libFuzzer).
+
+    .venv/bin/pip install atheris            # or: pip install -e ".[fuzz]"
+    mkdir -p fuzz/corpus
+    .venv/bin/python fuzz/fuzz_vhd.py fuzz/corpus -max_len=128 -max_total_time=3600 -timeout=20 -rss_limit_mb=4096
+
+Each fuzzer input is decoded by tests/hostile/fuzzing.py into a mutation plan for a seed (corpus files and a
+vhdcore-made chain); the mutant is fed to check, open, map, reads and convert. A failure (an exception that is
+not a VHDError, a cross-check between check and open that does not hold, over 2 s or over 200 MB of traced
+memory) saves the mutant under fuzz/crashes/<digest>/ (or $VHDCORE_FUZZ_CRASH_DIR) in the layout of
+tests/data/regressions/, and libFuzzer stops with the input that caused it. Once fixed, move the directory to
+tests/data/regressions/: tests/test_fuzz.py runs every case there.
+
+libFuzzer's own -timeout is only a backstop for a real hang (the 2 s limit is enforced per input by the
+harness, which also measures what libFuzzer cannot: time spent in one input's several targets). Options after
+the corpus directory are libFuzzer's (-runs=N, -max_total_time=S, -jobs=N, ...).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import atheris  # noqa: E402
+
+with atheris.instrument_imports(include=["vhdcore"]):
+    import vhdcore  # noqa: F401,E402
+    import vhdcore.chain  # noqa: F401,E402
+    import vhdcore.check  # noqa: F401,E402
+    import vhdcore.convert  # noqa: F401,E402
+    import vhdcore.image  # noqa: F401,E402
+    import vhdcore.repair  # noqa: F401,E402
+    import vhdcore.structs  # noqa: F401,E402
+
+from hostile import fuzzing as F  # noqa: E402
+
+CRASH_DIR = Path(os.environ.get("VHDCORE_FUZZ_CRASH_DIR", ROOT / "fuzz" / "crashes"))
+WORK = Path(tempfile.mkdtemp(prefix="vhdfuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+
+
+def test_one_input(data: bytes) -> None:
+    d = WORK / "m"
+    shutil.rmtree(d, ignore_errors=True)
+    m = F.materialize(F.Plan.decode(data), d)
+    try:
+        F.run_limited(m, d)
+    except Exception as e:
+        saved = F.save_regression(m, f"{type(e).__name__}: {e}", CRASH_DIR)
+        print(f"\nvhdcore fuzz: {m.plan_text}\n  -> {type(e).__name__}: {e}\n  mutant saved in {saved}",
+              file=sys.stderr, flush=True)
+        raise
+
+
+def main() -> None:
+    F.seeds(WORK)  # built once, before libFuzzer starts timing inputs
+    atheris.Setup(sys.argv, test_one_input)
+    try:
+        atheris.Fuzz()
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
