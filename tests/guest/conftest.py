@@ -365,7 +365,7 @@ def small_fs(guest_tools, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def mbr_disk(small_fs, tmp_path_factory) -> DiskImage:
-    """MBR: FAT16 primary, an unused-type primary with swap, an extended partition holding ext4, NTFS and ext2."""
+    """MBR: FAT16 (bootable), swap, a blank primary, an extended partition holding ext4, NTFS and ext2."""
     disk = tmp_path_factory.mktemp("mbr") / "mbr.img"
     with open(disk, "wb") as f:
         f.truncate(48 * MiB)
@@ -373,15 +373,18 @@ def mbr_disk(small_fs, tmp_path_factory) -> DiskImage:
         "label: dos\n"
         "start=2048, size=8MiB, type=6, bootable\n"
         "size=2MiB, type=82\n"
-        "size=30MiB, type=5\n"
-        "size=12MiB, type=83\n"
-        "size=10MiB, type=7\n"
-        "size=6MiB, type=83\n"))
-    layout = {1: ("fat16", small_fs["fat16"]), 2: ("swap", small_fs["swap"]), 5: ("ext4", small_fs["ext4"]),
+        "size=34MiB, type=5\n"
+        "start=45MiB, size=3MiB, type=83\n"  # primary 4, left blank
+        "start=12MiB, size=12MiB, type=83\n"
+        "start=25MiB, size=10MiB, type=7\n"
+        "start=36MiB, size=6MiB, type=83\n"))
+    layout = {1: ("fat16", small_fs["fat16"]), 2: ("swap", small_fs["swap"]), 4: ("blank", None),
+              5: ("ext4", small_fs["ext4"]),
               6: ("ntfs", small_fs["ntfs"]), 7: ("ext2", small_fs["ext2"])}
     table = {p["node"][len(str(disk)):]: p for p in sfdisk_json(disk)["partitions"]}
     for num, (_, img) in layout.items():
-        put(disk, img, table[str(num)]["start"] * 512)
+        if img is not None:
+            put(disk, img, table[str(num)]["start"] * 512)
     return DiskImage(disk, "mbr", layout)
 
 
