@@ -10,7 +10,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from .exceptions import VHDError
 
@@ -33,10 +33,17 @@ def _load_commands() -> list:
     return mods
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors follow the rule of every other error: one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="vhdcore", description="Inspect, coalesce, compact and export VHD disks.")
+    parser = _Parser(prog="vhdcore", description="Inspect, coalesce, compact and export VHD disks.")
     parser.add_argument("--version", action="version", version=f"vhdcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
