@@ -46,6 +46,8 @@ BG_BLOCK_UNINIT = 0x2
 EXT3_INCOMPAT = INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_BG
 EXT3_RO_COMPAT = RO_COMPAT_SPARSE_SUPER | RO_COMPAT_LARGE_FILE | RO_COMPAT_BTREE_DIR
 
+# 2^20 groups of 8 MiB (1 KiB blocks) is 8 TiB, of 128 MiB (4 KiB blocks) 128 TiB: far past any VHD.
+MAX_GROUPS = 1 << 20
 # Bitmap blocks read in one request when they lie next to each other (flex_bg packs them).
 MAX_READ_BLOCKS = 1024
 MAX_READ_BYTES = 8 * 1024 * 1024
@@ -146,10 +148,17 @@ def read_ext(region: Region, partition_index: int | None = None) -> FileSystemUs
     if inodes_count and inodes_count != ngroups * inodes_per_group:
         raise err(f"inode count is not {ngroups} groups x {inodes_per_group} inodes", SB_OFFSET,
                   "ext.s_inodes_count", inodes_count)
+    if ngroups > MAX_GROUPS:
+        raise err(f"{ngroups} block groups (over {MAX_GROUPS})", SB_OFFSET + 0x20, "ext.s_blocks_per_group",
+                  blocks_per_group)
     inode_table_blocks = -(-(inodes_per_group * inode_size) // bs)
     desc_per_block = bs // desc_size
     desc_blocks = -(-ngroups // desc_per_block)
     meta_bg = bool(incompat & INCOMPAT_META_BG)
+    if not meta_bg and first_data_block + 1 + desc_blocks + reserved_gdt > blocks_per_group:
+        # Without meta_bg the whole descriptor table (and its reserve) follows the superblock in group 0.
+        raise err(f"{desc_blocks} descriptor blocks + {reserved_gdt} reserved do not fit in a group of "
+                  f"{blocks_per_group} blocks", SB_OFFSET + 0xCE, "ext.s_reserved_gdt_blocks", reserved_gdt)
     if meta_bg and first_meta_bg > desc_blocks:
         raise err("first meta block group past the descriptor table", SB_OFFSET + 0x104, "ext.s_first_meta_bg",
                   first_meta_bg)
