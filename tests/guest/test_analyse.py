@@ -263,3 +263,28 @@ def test_empty_disk(tmp_path):
         f.truncate(4 * MiB)
     g = analyse(RawReader(img))
     assert g.partition_table == "empty" and g.filesystems == [] and g.warnings
+
+
+def _brute_used_per_block(fs, block_size: int) -> tuple[int, np.ndarray]:
+    """Byte by byte: a byte is used when it is in the file system and not in a free cluster."""
+    first, last = fs.offset // block_size, (fs.end - 1) // block_size
+    base = first * block_size
+    used = np.zeros((last - first + 1) * block_size, dtype=bool)
+    used[fs.offset - base : fs.end - base] = True
+    bits = np.unpackbits(fs.bitmap, bitorder="little")[: fs.cluster_count].astype(bool)
+    for c in np.flatnonzero(~bits):
+        o = fs.bitmap_origin + int(c) * fs.cluster_size - base
+        used[o : o + fs.cluster_size] = False
+    return first, used.reshape(-1, block_size).sum(axis=1)
+
+
+@pytest.mark.parametrize("block_size", [2 * MiB, 512 * 1024, 21 * 512])  # the last one forces the walk
+def test_used_bytes_per_block(mbr_disk, gpt_disk, block_size):
+    """The per-VHD-block join (fast path through count_runs_in_blocks, or the free-range walk) is exact."""
+    for disk in (mbr_disk, gpt_disk):
+        for fs in analyse(RawReader(disk.path)).filesystems:
+            first, used = fs.used_bytes_per_block(block_size)
+            bfirst, bused = _brute_used_per_block(fs, block_size)
+            assert first == bfirst
+            assert np.array_equal(used, bused), (fs.type, block_size)
+            assert int(used.sum()) == fs.used_bytes

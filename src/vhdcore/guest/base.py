@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import _kernels as K
 from ..exceptions import InvalidFormatError
+from .bits import set_range, shift_up
 
 __all__ = [
     "DiskReader", "Region", "Partition", "FileSystemUsage", "GuestReport", "reader_path", "count_set_bits",
@@ -173,6 +174,49 @@ class FileSystemUsage:
                 pending = (first, length)
         if pending is not None:
             yield self.bitmap_origin + pending[0] * cs, pending[1] * cs
+
+    def used_bytes_per_block(self, block_size: int) -> tuple[int, np.ndarray]:
+        """``(first_block, used)``: bytes of each ``block_size`` block of the disk, from ``first_block`` on, that
+        this file system uses (metadata outside the bitmap included). The blocks span ``[offset, end)``.
+
+        This is the per-VHD-block join growth forensics needs; when the clusters tile the blocks it is one pass
+        of ``count_runs_in_blocks`` over the bitmap, otherwise a walk over the free ranges.
+        """
+        if block_size <= 0 or self.size <= 0:
+            raise ValueError("block size and file-system size must be positive")
+        first = self.offset // block_size
+        last = (self.end - 1) // block_size
+        nblocks = last - first + 1
+        starts = np.arange(first, last + 1, dtype=np.int64) * block_size
+        used = np.minimum(starts + block_size, self.end) - np.maximum(starts, self.offset)
+        cs = self.cluster_size
+        lead = self.bitmap_origin - first * block_size
+        if self.cluster_count and block_size % cs == 0 and lead >= 0 and lead % cs == 0:
+            per = block_size // cs
+            pad = lead // cs
+            total_bits = nblocks * per
+            if pad + self.cluster_count <= total_bits:
+                # Padding counts as in use, so the zero bits of each block are exactly its free clusters.
+                padded = np.full(-(-total_bits // 8), 0xFF, dtype=np.uint8)
+                body = self.bitmap if pad % 8 == 0 else shift_up(self.bitmap, pad % 8)
+                nbody = -(-(pad % 8 + self.cluster_count) // 8)
+                region = padded[pad // 8 : pad // 8 + nbody]
+                region[:] = body[:nbody]
+                set_range(padded, pad + self.cluster_count, total_bits)  # bits past the bitmap: not free
+                if pad % 8:
+                    set_range(padded, (pad // 8) * 8, pad)
+                counts = np.zeros(nblocks, dtype=np.uint32)
+                K.count_runs_in_blocks(padded, per, nblocks, counts, msb_first=False)
+                return first, used - (per - counts.astype(np.int64)) * cs
+        for off, n in self.free_ranges():
+            end = off + n
+            b = off // block_size
+            while off < end:
+                k = min(end, (b + 1) * block_size) - off
+                used[b - first] -= k
+                off += k
+                b += 1
+        return first, used
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly view without the bitmap."""
