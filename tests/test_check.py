@@ -34,6 +34,7 @@ CORPUS_FINDINGS = {
 }
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("name", sorted(CORPUS_FINDINGS))
 def test_corpus(corpus_dir, name) -> None:
     rep = check(corpus_dir / name, chain=True)
@@ -44,6 +45,7 @@ def test_corpus(corpus_dir, name) -> None:
         assert len(rep.layers) == 2
 
 
+@pytest.mark.backend_independent
 def test_corpus_disk2vhd(corpus_dir, tmp_path) -> None:
     p = tmp_path / "d2v.vhd"
     with bz2.open(corpus_dir / "qemu" / "d2v-zerofilled.vhd.bz2") as src, open(p, "wb") as dst:
@@ -112,6 +114,7 @@ def test_findings_name_offset_and_field(tmp_path) -> None:
     assert (f.offset, f.repairable) == (0, True) and "timestamp" in f.message
 
 
+@pytest.mark.backend_independent
 def test_future_timestamp_slack(tmp_path) -> None:
     lay = B.build(tmp_path / "d.vhd")
     B.patch_footer(lay, timestamp=vhd_timestamp() + 600)
@@ -179,6 +182,7 @@ def test_cli_exit_status_and_json(tmp_path, capsys) -> None:
         assert cli.main(["check", str(lay.path)]) == 2
 
 
+@pytest.mark.backend_independent
 def test_cli_subprocess_one_line(tmp_path) -> None:
     """The installed entry point: 'could not check' is one line on stderr and exit status 2."""
     import subprocess
@@ -190,6 +194,7 @@ def test_cli_subprocess_one_line(tmp_path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1 and "could not check" in r.stderr
 
 
+@pytest.mark.backend_independent
 def test_every_code_has_severity_and_text() -> None:
     for code, (sev, text) in CODES.items():
         assert sev in (ERROR, WARNING, INFO) and len(text) > 20, code
@@ -216,6 +221,7 @@ def test_random_writes_keep_check_clean(tmp_path) -> None:
     assert check(p).clean
 
 
+@pytest.mark.backend_independent
 def test_public_names_stay_functions() -> None:
     """vhdcore.check / vhdcore.repair are the functions even after the other module was imported."""
     import subprocess

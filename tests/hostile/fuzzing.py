@@ -30,6 +30,7 @@ from typing import Sequence
 import vhdcore
 from vhdcore.check import analyse_file, check
 from vhdcore.convert import convert
+from vhdcore.repair import repair
 from vhdcore.exceptions import VHDError
 from vhdcore.structs import FOOTER_SIZE, HEADER_SIZE, SECTOR_SIZE, checksum
 
@@ -382,7 +383,54 @@ def run_targets(m: Mutant, scratch: Path) -> dict:
             _compare_output(disk, dst, to)
             dst.unlink()
         outcome["convert"] = to
+    outcome["repair"] = _repair_target(m, scratch, strict_error is None)
     return outcome
+
+
+def _digest_allocated(path: Path, dirs: list[str]) -> str:
+    h = hashlib.sha256()
+    budget = READ_BUDGET
+    with vhdcore.open(path, parent_dirs=dirs) as disk:
+        for ext in itertools.islice(disk.allocated_extents(), EXTENT_BUDGET):
+            n = min(ext.length, budget)
+            if n <= 0:
+                break
+            h.update(ext.offset.to_bytes(8, "big"))
+            h.update(disk.read(ext.offset, n))
+            budget -= n
+    return h.hexdigest()
+
+
+def _repair_target(m: Mutant, scratch: Path, opened: bool) -> str:
+    """Repair a copy of the mutant (in the mutant's directory, so parents resolve): it may refuse, but what
+    opened before must open after with the same content, and a repair that says clean must be clean."""
+    dirs = [str(m.directory)]
+    before = _digest_allocated(m.leaf, dirs) if opened else None
+    original = m.leaf.read_bytes()
+    try:
+        rep = repair(m.leaf, parent_dirs=dirs)
+    except VHDError as e:
+        raise FuzzFailure(f"repair raised {type(e).__name__}: {e}") from e
+    try:
+        chain_clean = False
+        if rep.clean:
+            after = check(m.leaf, parent_dirs=dirs)
+            if not after.clean:
+                raise FuzzFailure(f"repair says clean, check says {[str(f) for f in after.findings]}")
+            # Repair answers for the leaf (and its links to parents); the parents' own structure is theirs.
+            chain_clean = check(m.leaf, chain=True, parent_dirs=dirs).clean
+        if opened or chain_clean:
+            try:
+                got = _digest_allocated(m.leaf, dirs)
+            except VHDError as e:
+                raise FuzzFailure(f"after repair the disk no longer opens: {e}") from e
+            if opened and got != before:
+                raise FuzzFailure("repair changed the content of a disk that opened")
+    finally:
+        m.leaf.write_bytes(original)
+        if rep.undo_path:
+            os.unlink(rep.undo_path)
+    return "changed" if rep.changed else "unchanged"
 
 
 def _compare_output(disk: vhdcore.Disk, dst: Path, to: str) -> None:
