@@ -228,3 +228,20 @@ def test_concurrent_writers_refused_readers_fine(tmp_path) -> None:
         holder.wait(timeout=30)
     with vhdcore.open(p, "r+"):
         pass
+
+
+@pytest.mark.backend_independent
+def test_repairable_flag_matches_what_repair_does(tmp_path) -> None:
+    """Every finding check marks repairable is gone after repair (on the hostile cases that repair cleans)."""
+    for c in CASES:
+        d = tmp_path / str(CASES.index(c))
+        d.mkdir()
+        t = c.make(d)
+        if t.error is not None and not t.repairs_to_clean:
+            continue
+        rep = check(t.path, parent_dirs=t.parent_dirs)
+        fixable = {(f.code, f.path) for f in rep.findings if f.repairable}
+        after = repair(t.path, parent_dirs=t.parent_dirs)
+        left = {(f.code, f.path) for f in after.remaining}
+        if t.repairs_to_clean:
+            assert fixable and not (fixable & left), (c.name, fixable, left)

@@ -809,10 +809,12 @@ def _finish_footer_position(f: _File, a: FileAnalysis, c: _Collector) -> None:
             return
     if a.end_footer is None:
         a.footer_source = "copy" if a.footer is a.copy else ""
+        # Repair needs the copy and a BAT it can trust to know where the data ends.
+        fixable = a.footer is a.copy and a.blocks_ok and not any(x.code.startswith("BAT_") for x in a.findings)
         c.add("FOOTER_MISSING", max(0, fsize - FOOTER_SIZE), "footer",
               "no valid footer at the end of the file" + ("; the copy at offset 0 is intact and 'vhdcore repair' "
-                                                          "restores the footer from it" if a.footer is a.copy
-                                                          else ""), repairable=a.footer is a.copy)
+                                                          "restores the footer from it" if fixable else ""),
+              repairable=fixable)
     else:
         a.footer_source = "copy" if a.footer is a.copy else a.footer_source
 
