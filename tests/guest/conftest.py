@@ -25,6 +25,7 @@ TOOLS = {
     "mkntfs": "ntfs-3g", "ntfscp": "ntfs-3g", "ntfsinfo": "ntfs-3g", "ntfstruncate": "ntfs-3g", "ntfsls": "ntfs-3g",
     "mkfs.vfat": "dosfstools", "fsck.fat": "dosfstools",
     "mcopy": "mtools", "mdel": "mtools", "mmd": "mtools", "mshowfat": "mtools",
+    "mkfs.xfs": "xfsprogs", "xfs_db": "xfsprogs",
     "sfdisk": "fdisk", "mkswap": "util-linux", "dd": "coreutils",
 }
 
@@ -319,6 +320,60 @@ def fat_images(guest_tools, tmp_path_factory) -> dict[str, FatImage]:
     tmp = tmp_path_factory.mktemp("fat")
     return {name: build_fat(tmp, name, kib, mkfs, bits, seed)
             for seed, (name, (kib, mkfs, bits)) in enumerate(FAT_VARIANTS.items(), start=1)}
+
+
+# ------------------------------------------------------------------------------------------------ XFS
+
+
+@dataclass
+class XfsImage:
+    path: Path
+    files: list[str]
+
+
+def build_xfs(tmp: Path, name: str, seed: int, mkfs: list[str]) -> XfsImage:
+    """XFS populated through a mkfs prototype file (no mount). Its 64 MiB internal log is the bulk of the image."""
+    src = tmp / f"{name}-src"
+    files = make_tree(src, seed, 12, 600_000)
+    lines = ["boot", "0 0", "d--755 0 0"]
+    for d in sorted({f.split("/")[0] for f in files}):
+        lines.append(f"{d} d--755 0 0")
+        for f in sorted(x for x in files if x.startswith(d + "/")):
+            lines.append(f"{f.split('/')[1]} ---644 0 0 {src / f}")
+        lines.append("$")
+    lines.append("$")
+    proto = tmp / f"{name}.proto"
+    proto.write_text("\n".join(lines) + "\n")
+    img = tmp / f"{name}.img"
+    with open(img, "wb") as f:
+        f.truncate(320 * MiB)
+    run("mkfs.xfs", "-q", "-f", *mkfs, "-p", proto, img)
+    return XfsImage(img, files)
+
+
+def xfs_free_extents(path: Path, agblocks: int, nblocks: int) -> tuple[np.ndarray, int]:
+    """Free blocks as xfs_db's freesp lists them (bnobt extents and free-list blocks), and its total."""
+    out = run("xfs_db", "-r", "-c", "freesp -s -d", path)
+    free = np.zeros(nblocks, dtype=bool)
+    for agno, agbno, n in re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s*$", out, re.M):
+        start = int(agno) * agblocks + int(agbno)
+        free[start : start + int(n)] = True
+    total = int(re.search(r"total free blocks (\d+)", out).group(1))
+    return free, total
+
+
+def xfs_file_blocks(path: Path, name: str, agblocks: int) -> list[tuple[int, int]]:
+    out = run("xfs_db", "-r", "-c", f"path /{name}", "-c", "bmap", path)
+    return [(int(a) * agblocks + int(b), int(n)) for a, b, n in
+            re.findall(r"startblock \d+ \((\d+)/(\d+)\) count (\d+)", out)]
+
+
+@pytest.fixture(scope="session")
+def xfs_images(guest_tools, tmp_path_factory) -> dict[str, XfsImage]:
+    tmp = tmp_path_factory.mktemp("xfs")
+    return {"xfs-v5": build_xfs(tmp, "xfs-v5", 61, ["-d", "agcount=3"]),
+            "xfs-1k": build_xfs(tmp, "xfs-1k", 62, ["-b", "size=1024", "-d", "agcount=4", "-l", "size=64m"]),
+            "xfs-v4": build_xfs(tmp, "xfs-v4", 63, ["-m", "crc=0"])}
 
 
 # ------------------------------------------------------------------------------------------------ disks

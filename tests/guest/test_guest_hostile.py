@@ -126,6 +126,10 @@ def _metadata_spots(kind: str, path) -> list[tuple[int, int]]:
     if kind == "ntfs":
         mft = fs.details["mft_lcn"] * fs.cluster_size
         return [(0, 512), (mft, 1024), (mft + 6 * 1024, 1024)]
+    if kind == "xfs":
+        agf = r.read(512, 64)
+        root = struct.unpack_from(">I", agf, 16)[0] * fs.cluster_size
+        return [(0, 256), (512, 64), (1536, 512), (root, 64), (root + 56, 256)]
     d = fs.details
     return [(0, 512), (d["reserved_sectors"] * 512, 2048)]
 
@@ -136,7 +140,7 @@ MUTANTS = 400
 @pytest.mark.parametrize("kind,fixture,name", [
     ("ext", "ext_images", "ext4-64bit-flexbg"), ("ext", "ext_images", "ext2-1k"),
     ("ext", "ext_images", "ext4-meta-bg"), ("ntfs", "ntfs_images", "ntfs-4k"),
-    ("fat", "fat_images", "fat12"), ("fat", "fat_images", "fat32"),
+    ("fat", "fat_images", "fat12"), ("fat", "fat_images", "fat32"), ("xfs", "xfs_images", "xfs-v5"),
 ])
 def test_random_damage_is_contained(request, kind, fixture, name):
     path = request.getfixturevalue(fixture)[name].path

@@ -6,8 +6,9 @@ allocation bitmap itself so that growth forensics can join it with the VHD's blo
 ``free_ranges()`` so that compaction can skip free space. ``reader`` is anything with ``.size`` and
 ``.read(offset, n)``: a ``vhdcore.Disk``, or :class:`RawFileReader` over a raw image.
 
-Recognised: ext2/3/4, NTFS, FAT12/16/32. Anything else (swap, LVM, XFS, btrfs, encrypted, empty) is reported as
-``type="unknown"`` with whatever signature was seen in ``details["signature"]``: all of its space counts as used.
+Recognised: ext2/3/4, NTFS, FAT12/16/32, XFS. Anything else (swap, LVM, btrfs, exFAT, encrypted, empty) is
+reported as ``type="unknown"`` with whatever signature was seen in ``details["signature"]``: all of its space
+counts as used.
 What is read is metadata only (superblocks, descriptors, bitmaps, FATs, a few MFT records), so the cost follows
 the file systems' metadata, not the disk's virtual size.
 """
@@ -23,6 +24,7 @@ from .base import (DiskReader, FileSystemUsage, GuestReport, Partition, RawFileR
 from .ext import is_ext, read_ext
 from .fat import is_fat, read_fat
 from .ntfs import is_ntfs, read_ntfs
+from .xfs import is_xfs, read_xfs
 from .partitions import PartitionTable, read_partition_table
 
 __all__ = ["analyse", "probe", "identify", "read_partition_table", "DiskReader", "FileSystemUsage", "GuestReport",
@@ -32,6 +34,7 @@ _PARSERS: dict[str, tuple[Callable[[Region], bool], Callable[..., FileSystemUsag
     "ext": (is_ext, read_ext),
     "ntfs": (is_ntfs, read_ntfs),
     "fat": (is_fat, read_fat),
+    "xfs": (is_xfs, read_xfs),
 }
 
 
@@ -40,8 +43,6 @@ def _other_signature(region: Region) -> str | None:
     def at(off: int, n: int) -> bytes:
         return region.read(off, n, "signature") if off + n <= region.size else b""
 
-    if at(0, 4) == b"XFSB":
-        return "xfs"
     if at(3, 8) == b"EXFAT   ":
         return "exfat"
     if at(0x10040, 8) == b"_BHRfS_M":
@@ -65,7 +66,7 @@ def identify(reader: DiskReader, offset: int, size: int) -> list[str]:
 
 def probe(reader: DiskReader, offset: int, size: int, partition_index: int | None = None,
           ) -> FileSystemUsage | None:
-    """The usage of the ext2/3/4, NTFS or FAT file system at ``[offset, offset + size)``, or None if none is there.
+    """The usage of the ext2/3/4, NTFS, FAT or XFS file system at ``[offset, offset + size)``, or None.
 
     Raises :class:`InvalidFormatError` when a signature is present but its structures are malformed, and when
     signatures of two different file systems are present (an old one not wiped: never guessed).
@@ -107,7 +108,7 @@ def analyse(reader: DiskReader, *, strict: bool = False) -> GuestReport:
             fs = probe(reader, part.offset, part.size, index)
             if fs is None:
                 fs = unknown_usage(part.offset, part.size, index,
-                                   f"no ext2/3/4, NTFS or FAT file system (partition type {part.type_name})")
+                                   f"no ext2/3/4, NTFS, FAT or XFS file system (partition type {part.type_name})")
                 sig = _other_signature(Region(reader, part.offset, part.size))
                 if sig:
                     fs.details["signature"] = sig

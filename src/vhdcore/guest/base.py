@@ -122,7 +122,7 @@ class FileSystemUsage:
     ``used_bytes + free_bytes == size``; ``free_bytes == free_clusters * cluster_size``.
     """
 
-    type: str  # "ext2" | "ext3" | "ext4" | "ntfs" | "fat12" | "fat16" | "fat32" | "unknown"
+    type: str  # "ext2" | "ext3" | "ext4" | "ntfs" | "fat12" | "fat16" | "fat32" | "xfs" | "unknown"
     offset: int  # disk offset of the file system's first byte
     size: int  # bytes the file system spans on the disk
     cluster_size: int
