@@ -20,6 +20,8 @@ Things that matter here, learnt the hard way:
 * With a single device, one 507 makes the proxy error-limit the device for 60 s (every request 503);
   ``error_suppression_interval = 0`` turns that off.
 * SLO deletes must be synchronous (``allow_async_delete = false``): no object-expirer runs here.
+* SLO GETs are throttled to one segment a second after the tenth (``rate_limit_after_segment``); the
+  tests cut objects into many small segments, so the limit is lifted.
 * Object metadata lives in user xattrs (ext4: ~4 KiB per inode), so the data directory must support them.
 """
 from __future__ import annotations
@@ -270,6 +272,9 @@ def _write_configs(base: Path, ports: dict[str, int]) -> None:
         [filter:slo]
         use = egg:swift#slo
         allow_async_delete = false
+        # Swift serves an SLO's segments past the 10th at one per second by default: a 25-segment test
+        # object would take 15 s to read back. Tests use many small segments, so lift the limit.
+        rate_limit_after_segment = 100000
         [filter:dlo]
         use = egg:swift#dlo
         """))

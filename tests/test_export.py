@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import subprocess
 import sys
 import tarfile
@@ -18,7 +17,8 @@ import vhdcore
 from vhdcore.check import check
 from vhdcore.convert import convert
 from vhdcore.export import ExportReport, export, verify
-from vhdcore.structs import DynamicHeader, Footer, ParentLocator, checksum
+from vhdcore.structs import DynamicHeader, Footer, ParentLocator
+from exportcheck import EXT, assert_package_holds, decompress
 from vhdtest import build_chain, qemu_raw, run
 
 KiB = 1024
@@ -26,8 +26,6 @@ MiB = 1024 * KiB
 # Not a whole number of blocks nor of MiB: the last block is partial and the fixed package must round up.
 SIZE = 8 * MiB + 3 * 512
 BLOCK = 512 * KiB
-DECOMPRESS = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dc"], "none": ["cat"]}
-EXT = {"gzip": ".gz", "zstd": ".zst", "none": ""}
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +39,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
 def file_digests(path: Path) -> dict[str, str]:
     data = path.read_bytes()
     return {a: hashlib.new(a, data).hexdigest() for a in ("md5", "sha256", "sha512")}
-
-
-def decompressed(path: Path, compression: str, out: Path) -> Path:
-    with open(out, "wb") as f:
-        subprocess.run([*DECOMPRESS[compression], str(path)], stdout=f, check=True)
-    return out
 
 
 def files_sha(directory: Path) -> dict[str, str]:
@@ -66,33 +58,9 @@ def test_every_package_and_compression_reads_back_with_standard_tools(
     assert rep.digests == file_digests(dest) and rep.size == dest.stat().st_size
     assert rep.glance_properties()["checksum"] == rep.digests["md5"]
     assert rep.manifest_path == str(dest) + ".xxh3.json" and os.path.exists(rep.manifest_path)
-    plain = decompressed(dest, compression, tmp_path / "plain")
+    plain = decompress(dest, compression, tmp_path / "plain")
     assert plain.stat().st_size == rep.package_size
-
-    if package == "vhd":
-        assert qemu_raw(plain, tmp_path / "q.raw").read_bytes() == model
-        assert check(plain).clean
-    elif package == "fixed":
-        rounded = -(-SIZE // MiB) * MiB
-        content = plain.read_bytes()
-        assert len(content) == rounded + 512 and rounded % MiB == 0
-        footer = Footer.parse(content[-512:])
-        assert footer.current_size == rounded and footer.type == vhdcore.structs.DiskType.FIXED
-        assert content[:SIZE] == model and not any(content[SIZE:rounded])
-        assert qemu_raw(plain, tmp_path / "q.raw").read_bytes()[:SIZE] == model
-        assert check(plain).clean
-    elif package == "raw":
-        assert plain.read_bytes() == model
-    else:
-        out = tmp_path / "x"
-        out.mkdir()
-        run(["tar", "-xf", plain, "-C", out])
-        assert sorted(p.name for p in out.iterdir()) == ["0.vhd", "1.vhd", "2.vhd"]
-        with vhdcore.open(out / "0.vhd") as disk:
-            assert [os.path.basename(im.path) for im in disk.layers] == ["0.vhd", "1.vhd", "2.vhd"]
-            assert disk.read(0, disk.size) == model
-        report = check(out / "0.vhd", chain=True)
-        assert report.clean, [str(f) for f in report.findings]
+    assert_package_holds(plain, package, model, tmp_path, depth=3)
     # the copy checks out against the source, against the manifest, and the manifest against the source
     assert verify(dest, leaf).match
     assert verify(dest, rep.manifest_path).match
@@ -287,7 +255,7 @@ def test_verify_catches_a_changed_manifest_and_a_damaged_vhd_stream(chain: tuple
     v = verify(forged, leaf)
     assert not v.match and v.offset == 2 * doc["block_size"]
     # flip a byte inside a data block of the (decompressed) VHD stream
-    plain = bytearray(decompressed(tmp_path / "v.vhd.gz", "gzip", tmp_path / "v.vhd").read_bytes())
+    plain = bytearray(decompress(tmp_path / "v.vhd.gz", "gzip", tmp_path / "v.vhd").read_bytes())
     with vhdcore.open(tmp_path / "v.vhd") as d:
         b = int(d.leaf.allocated_blocks()[1])
         pos = d.leaf.block_file_offset(b) + 777
