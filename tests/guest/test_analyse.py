@@ -288,3 +288,29 @@ def test_used_bytes_per_block(mbr_disk, gpt_disk, block_size):
             assert first == bfirst
             assert np.array_equal(used, bused), (fs.type, block_size)
             assert int(used.sum()) == fs.used_bytes
+
+
+@pytest.mark.parametrize("chunk", [8, 24, 1 << 24])
+def test_free_extents_across_slices(monkeypatch, chunk):
+    """Runs that cross the slices free_extents()/count_set_bits() work in come out whole, whatever the slice."""
+    from vhdcore.guest import base
+
+    monkeypatch.setattr(base, "FREE_RUNS_CHUNK_BITS", chunk)
+    rng = np.random.default_rng(chunk)
+    for n, density in ((1000, 0.5), (4099, 0.9), (4099, 0.02), (64, 0.0), (64, 1.0)):
+        bits = rng.random(n) < density
+        bitmap = np.packbits(bits, bitorder="little")
+        fs = base.FileSystemUsage("ext4", 4096, n * 512, 512, n, int(bits.sum()), bitmap, 8192, 0, 0)
+        want = []
+        i = 0
+        while i < n:
+            if not bits[i]:
+                j = i
+                while j < n and not bits[j]:
+                    j += 1
+                want.append((8192 + i * 512, (j - i) * 512))
+                i = j
+            else:
+                i += 1
+        assert list(fs.free_ranges()) == want
+        assert base.count_set_bits(bitmap, n) == int(bits.sum())

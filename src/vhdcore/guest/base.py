@@ -24,8 +24,8 @@ __all__ = [
     "clear_tail", "unknown_usage", "RawFileReader", "FREE_RUNS_CHUNK_BITS",
 ]
 
-# free_ranges() walks the bitmap in slices of this many bits so that the run list of one slice stays small
-# however large (and however fragmented) the file system is.
+# free_extents() and count_set_bits() walk the bitmap in slices of this many bits (a multiple of 8) so that the
+# temporaries of one slice stay small however large (and however fragmented) the file system is.
 FREE_RUNS_CHUNK_BITS = 1 << 24
 
 
@@ -151,29 +151,38 @@ class FileSystemUsage:
         """Disk offset of ``cluster`` (a bit index of ``bitmap``)."""
         return self.bitmap_origin + cluster * self.cluster_size
 
-    def free_ranges(self) -> Iterator[tuple[int, int]]:
-        """Byte ranges ``(disk_offset, length)`` the file system marks free, in order, adjacent runs merged."""
-        cs = self.cluster_size
+    def free_extents(self) -> tuple[np.ndarray, np.ndarray]:
+        """The free ranges as two int64 arrays ``(disk_offsets, lengths)`` in bytes, ordered, adjacent runs merged.
+
+        Vectorised over slices of the bitmap, so a badly fragmented volume (millions of free runs) costs numpy
+        passes, not a Python step per run.
+        """
+        starts: list[np.ndarray] = []
+        ends: list[np.ndarray] = []
         n = self.cluster_count
-        if n == 0:
-            return
-        bm = self.bitmap
-        pending: tuple[int, int] | None = None  # (first cluster, count), carried across slice boundaries
         for lo in range(0, n, FREE_RUNS_CHUNK_BITS):
             hi = min(n, lo + FREE_RUNS_CHUNK_BITS)
-            # A byte-aligned slice, so neither backend touches more of the bitmap than this slice.
-            for first, length, is_set in K.bitmap_runs(bm[lo // 8 : -(-hi // 8)], 0, hi - lo, msb_first=False):
-                if is_set:
-                    continue
-                first += lo
-                if pending is not None and pending[0] + pending[1] == first:
-                    pending = (pending[0], pending[1] + length)
-                    continue
-                if pending is not None:
-                    yield self.bitmap_origin + pending[0] * cs, pending[1] * cs
-                pending = (first, length)
-        if pending is not None:
-            yield self.bitmap_origin + pending[0] * cs, pending[1] * cs
+            bits = np.unpackbits(self.bitmap[lo // 8 : -(-hi // 8)], bitorder="little")[: hi - lo]
+            # +1 where a free run starts, -1 where it ends, with used sentinels on both sides.
+            edges = np.diff(np.concatenate(([1], bits, [1])).astype(np.int8))
+            s = np.flatnonzero(edges == -1) + lo
+            e = np.flatnonzero(edges == 1) + lo
+            if len(s) and ends and len(ends[-1]) and ends[-1][-1] == s[0]:
+                ends[-1] = ends[-1][:-1]  # a run that crosses the slice boundary: join the halves
+                s = s[1:]
+            starts.append(s)
+            ends.append(e)
+        if not starts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        s_all = np.concatenate(starts).astype(np.int64)
+        e_all = np.concatenate(ends).astype(np.int64)
+        cs = self.cluster_size
+        return self.bitmap_origin + s_all * cs, (e_all - s_all) * cs
+
+    def free_ranges(self) -> Iterator[tuple[int, int]]:
+        """Byte ranges ``(disk_offset, length)`` the file system marks free, in order, adjacent runs merged."""
+        offsets, lengths = self.free_extents()
+        return zip(offsets.tolist(), lengths.tolist())
 
     def used_bytes_per_block(self, block_size: int) -> tuple[int, np.ndarray]:
         """``(first_block, used)``: bytes of each ``block_size`` block of the disk, from ``first_block`` on, that
