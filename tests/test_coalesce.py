@@ -163,6 +163,20 @@ def test_small_blocks_unaligned_bitmaps(tmp_path) -> None:
     assert content(tmp_path / "p.vhd") == model
 
 
+def test_fixed_target_small_child_blocks(tmp_path) -> None:
+    """A fixed target is worked in units bigger than the child's 4 KiB blocks: several child blocks per unit."""
+    size = 1 * MiB
+    rnd = random.Random(4)
+    model = bytearray(size)
+    with vhdcore.create(tmp_path / "p.vhd", size, type="fixed") as d:
+        random_writes(d, model, rnd, 10, max_len=50_000)
+    with vhdcore.snapshot(tmp_path / "p.vhd", tmp_path / "c.vhd", block_size=4096) as d:
+        random_writes(d, model, rnd, 30, max_len=20_000)
+    rep = coalesce(tmp_path / "c.vhd", verify=True)
+    assert rep.block_size == 64 * 1024
+    assert content(tmp_path / "p.vhd") == model
+
+
 def test_disk_size_not_a_multiple_of_the_block(tmp_path) -> None:
     size = 5 * MiB + 3 * 512
     rnd = random.Random(9)

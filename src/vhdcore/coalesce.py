@@ -68,7 +68,8 @@ DEFAULT_BATCH_BYTES = 256 * MiB
 # A partial block over an existing target block with at most this many runs has its runs written one by one
 # (each a page-cache write, no metadata); with more, it is merged in memory and written whole.
 MAX_RUN_WRITES = 64
-# A fixed target has no blocks: it is processed in units of the child's block size, at most this.
+# A fixed target has no blocks: it is processed in units of the child's block size, within these bounds.
+_MIN_FIXED_UNIT = 64 * 1024
 _MAX_FIXED_UNIT = 8 * MiB
 
 ProgressFn = Callable[[int, int], None]
@@ -240,7 +241,7 @@ def _identity(img: Image) -> tuple[int, int]:
 
 
 def _lock_shared(img: Image) -> None:
-    """Keep writers out of a source layer while it is merged (they take an exclusive lock)."""
+    """Keep writers out of a source layer while it is merged (vhdcore's writers take an exclusive lock)."""
     try:
         fcntl.flock(img.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
@@ -248,6 +249,10 @@ def _lock_shared(img: Image) -> None:
             raise LockError("another writer holds this file; it cannot be merged while it changes", path=img.path,
                             field="lock") from None
         raise
+    # A writer that let go between our reading the BAT and taking the lock may have added blocks since.
+    if os.fstat(img.fd).st_size != img.file_size:
+        raise LockError("the file changed while it was being opened (a writer was active); try again",
+                        path=img.path, field="file size", value=os.fstat(img.fd).st_size)
 
 
 # --------------------------------------------------------------------------------------------- the merge
@@ -267,7 +272,7 @@ class _Merger:
         self.limit = self.sources[0].size  # the leaf's view is what must survive
         T = self.target
         if T.is_fixed:
-            self.unit = min(max(L.block_size for L in self.sources), _MAX_FIXED_UNIT)
+            self.unit = min(max(max(L.block_size for L in self.sources), _MIN_FIXED_UNIT), _MAX_FIXED_UNIT)
         else:
             self.unit = T.block_size
         self.nsec_unit = self.unit // SECTOR_SIZE
@@ -350,7 +355,7 @@ class _Merger:
         alloc = L.allocated_blocks()
         first, last = v0 // sbs, (v1 - 1) // sbs
         i0 = int(np.searchsorted(alloc, first))
-        pieces: list[tuple[int, int, int]] = []
+        found: list[tuple[int, int, int]] = []
         bat = L.bat
         for i in range(i0, len(alloc)):
             sb = int(alloc[i])
@@ -361,8 +366,8 @@ class _Merger:
             e = min(v1, b0 + sbs)
             bm = L.read_bitmap(sb)
             _copy_bits(out, (s - v0) // SECTOR_SIZE, bm, (s - b0) // SECTOR_SIZE, (e - s) // SECTOR_SIZE)
-            pieces.append((s - v0, int(bat[sb]) * SECTOR_SIZE + L.bitmap_size + (s - b0), e - s))
-        return pieces
+            found.append((s - v0, int(bat[sb]) * SECTOR_SIZE + L.bitmap_size + (s - b0), e - s))
+        return found
 
     def _read_pieces(self, L: Image, lp: list[tuple[int, int, int]], dst: memoryview) -> None:
         for rel, foff, n in lp:

@@ -190,7 +190,7 @@ def relink(child_path: str, new_parent: Image, *, io=None) -> list[str]:
         if len(name) > 255:
             name = os.path.basename(new_parent.path)
         table, writes, dropped = _fit_locators(h.parent_locators, wanted)
-        if dropped:
+        if any(code in ("W2ku", "W2ru") for code in dropped):  # MacX is a convenience for blktap only
             warnings.append(f"{img.path}: locator(s) {', '.join(dropped)} for {new_parent.path} do not fit the "
                             "space the old ones reserved; the parent name still finds it")
         for off, data in writes:
