@@ -67,7 +67,7 @@ def image(
     seed pipeline does before upload; without it the chain is exported as it is (export reads through it).
     ``on_stage(name, result)`` is called after each stage with its report (for a CLI to print as it goes).
     """
-    from . import check as check_mod
+    from .check import check as do_check
     from .coalesce import coalesce as do_coalesce
     from .export import export as do_export
     from .growth import growth as do_growth
@@ -80,7 +80,7 @@ def image(
 
     t = time.monotonic()
     prog(0, None, state=TaskState.PREPARING)
-    chk = check_mod.check(leaf, chain=True, parent_dirs=parent_dirs)
+    chk = do_check(leaf, chain=True, parent_dirs=parent_dirs)
     seconds["check"] = round(time.monotonic() - t, 3)
     if on_stage:
         on_stage("check", chk)
