@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import RawReader
+from guestimages import RawReader
 from vhdcore.exceptions import InvalidFormatError
 from vhdcore.guest import analyse, probe
 
