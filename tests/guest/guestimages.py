@@ -169,6 +169,7 @@ EXT_VARIANTS = {
     "ext4-meta-bg": (32 * MiB, ["-t", "ext4", "-b", "1024", "-g", "512", "-O", "^resize_inode,meta_bg"]),
     "ext4-bigalloc": (64 * MiB, ["-t", "ext4", "-b", "4096", "-O", "bigalloc", "-C", "16384"]),
     "ext4-64k": (64 * MiB, ["-t", "ext4", "-b", "65536"]),
+    "ext4-sparse-super2": (32 * MiB, ["-t", "ext4", "-b", "1024", "-g", "2048", "-O", "sparse_super2"]),
     "ext3": (40 * MiB, ["-t", "ext3", "-b", "4096", "-g", "4096"]),
     "ext2-1k": (32 * MiB, ["-t", "ext2", "-b", "1024"]),
     "ext2-nosparse": (24 * MiB, ["-t", "ext2", "-b", "1024", "-g", "1024", "-O", "^sparse_super,^resize_inode"]),

@@ -103,7 +103,8 @@ def read_partition_table(reader: DiskReader) -> PartitionTable:
     sb = _read(reader, 1024, 1024) if size >= 2048 else b""
     mbr_ok = s0[510:512] == b"\x55\xaa"
     entries = [struct.unpack_from("<B3sB3sII", s0, 446 + 16 * i) for i in range(4)] if mbr_ok else []
-    if mbr_ok and any(e[2] == 0xEE for e in entries):
+    protective = mbr_ok and any(e[2] == 0xEE for e in entries)
+    if protective:
         for ss in (SECTOR, 4096):
             if size >= 2 * ss and _read(reader, ss, 8) == b"EFI PART":
                 return _read_gpt(reader, ss, size, path)
@@ -111,7 +112,10 @@ def read_partition_table(reader: DiskReader) -> PartitionTable:
         return PartitionTable("none", [Partition(1, 0, size, "", "whole disk", scheme="none")])
     if not mbr_ok:
         return PartitionTable("empty", [])
-    return _read_mbr(reader, entries, size, path)
+    table = _read_mbr(reader, entries, size, path)
+    if protective:
+        table.warnings.append("protective MBR (type 0xEE) without a GPT header at LBA 1: the MBR was read")
+    return table
 
 
 def _read(reader: DiskReader, offset: int, n: int) -> bytes:
