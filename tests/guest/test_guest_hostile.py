@@ -6,7 +6,6 @@ import random
 import struct
 import time
 
-import numpy as np
 import pytest
 
 from guestimages import RawReader

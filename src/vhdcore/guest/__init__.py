@@ -14,7 +14,6 @@ the file systems' metadata, not the disk's virtual size.
 """
 from __future__ import annotations
 
-import struct
 import time
 from typing import Callable
 
