@@ -11,6 +11,7 @@ DEB_PACKAGES=(
   qemu-utils                         # qemu-img / qemu-io: interop oracle for fixed and dynamic VHDs
   e2fsprogs ntfs-3g mtools dosfstools fdisk   # real guest file systems for growth/compact tests
   zstd pigz bzip2                    # reference compressors for export tests and benchmarks
+  xfsprogs                           # mkfs.xfs and xfs_db for the XFS guest tests
   memcached swift swift-proxy swift-account swift-container swift-object python3-swiftclient  # real Swift
 )
 
