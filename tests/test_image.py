@@ -285,13 +285,13 @@ def test_fixed_disk_shorter_than_its_size(tmp_path: Path) -> None:
 def test_new_dynamic_block_zero_filled_full_bitmap(tmp_path: Path) -> None:
     p = tmp_path / "d.vhd"
     bs = 512 * KiB
-    # Junk where the next block will go (beyond the footer) must not leak into it.
     vhdcore.create(p, 4 * MiB, block_size=bs).close()
     with vhdcore.open(p, "r+") as d:
         d.write(bs + 5000, b"X" * 700)  # block 1, unaligned inside the block
         img = d.leaf
         data_off = img.block_file_offset(1)
         assert data_off % BLOCK_DATA_ALIGNMENT == 0
+        # On disk, not only through the reader: the new block holds zeros around the written bytes.
         raw = img.pread(data_off, bs)
         assert raw[5000:5700] == b"X" * 700
         assert raw[:5000] == bytes(5000) and raw[5700:] == bytes(bs - 5700)
