@@ -101,24 +101,23 @@ class _Reader:
         self.pos = 0
         self._peeked = b""
 
+    def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call the stream; a damaged compressed stream (zlib/ISA-L, zstd or EOF errors) becomes a VHDError."""
+        try:
+            return fn(*args)
+        except (VHDError, OSError):
+            raise
+        except Exception as exc:
+            raise CorruptImageError(f"the stream cannot be read: {type(exc).__name__}: {exc}", path=self.name,
+                                    offset=self.pos, field="compressed stream", value=str(exc)) from None
+
     def peek(self, n: int) -> bytes:
         while len(self._peeked) < n:
-            more = self.f.read(n - len(self._peeked))
+            more = self._io(self.f.read, n - len(self._peeked))
             if not more:
                 break
             self._peeked += more
         return self._peeked[:n]
-
-    def read(self, n: int) -> bytes:
-        if self._peeked:
-            out = self._peeked[:n]
-            self._peeked = self._peeked[n:]
-            if len(out) < n:
-                out += self.f.read(n - len(out)) or b""
-        else:
-            out = self.f.read(n) or b""
-        self.pos += len(out)
-        return out
 
     def readinto(self, mv: memoryview) -> int:
         if self._peeked:
@@ -126,7 +125,7 @@ class _Reader:
             mv[:n] = self._peeked[:n]
             self._peeked = self._peeked[n:]
         else:
-            n = self.f.readinto(mv) or 0
+            n = self._io(self.f.readinto, mv) or 0
         self.pos += n
         return n
 
@@ -343,6 +342,14 @@ class _StreamSource(_Source):
 
 def _extract_chain_tar(reader: _Reader, name: str, directory: str) -> str:
     """Extract a chain-tar stream (members N.vhd, regular files only) into ``directory``; returns 0.vhd's path."""
+    try:
+        return _extract_members(reader, name, directory)
+    except tarfile.TarError as exc:
+        raise InvalidFormatError(f"not a readable tar: {exc}", path=name, offset=reader.pos, field="tar",
+                                 value=str(exc)) from None
+
+
+def _extract_members(reader: _Reader, name: str, directory: str) -> str:
     with tarfile.open(fileobj=_Unpeek(reader), mode="r|") as tar:
         count = 0
         for member in tar:
@@ -409,10 +416,14 @@ def _open_source(spec: str, *, parent_dirs: Sequence[str] | None, strict: bool, 
         f = open(path, "rb", buffering=READ_SIZE)
     try:
         if text.endswith(".json") or _peek(f, 1) == b"{":
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-            if len(data) > MAX_MANIFEST_BYTES:
-                raise InvalidFormatError("manifest larger than any real one", path=text, field="manifest",
-                                         value=len(data))
+            parts, total = [], 0
+            while piece := f.read(4 * MiB):
+                parts.append(piece)
+                total += len(piece)
+                if total > MAX_MANIFEST_BYTES:
+                    raise InvalidFormatError("manifest larger than any real one", path=text, field="manifest",
+                                             value=total)
+            data = b"".join(parts)
             f.close()
             return _ManifestSource(text, _open_manifest_bytes(data, text))
         stream, compression = _decompressed(f, text)

@@ -208,6 +208,10 @@ def export(
     from .upload.pipeline import deliver  # the compressors load with it
 
     with open_chain(src, "r", parent_dirs, strict=strict) as disk:
+        if not remote:
+            target = os.path.realpath(parse_destination(dest)[2])
+            if any(os.path.realpath(img.path) in (target, target + MANIFEST_SUFFIX) for img in disk.layers):
+                raise ValueError(f"the destination {dest} is a file of the chain being exported")
         want_manifest = manifest is not False
         mf = XXH3Manifest(manifest_block_size) if want_manifest else None
         pkg = open_package(package, disk, mf, block_size=block_size, unique_id=unique_id, timestamp=timestamp)
