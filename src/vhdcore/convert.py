@@ -101,9 +101,59 @@ def _to_flat(disk: Disk, dst: str, fixed: bool, progress: ProgressFn | None) -> 
 
 
 def _to_dynamic(disk: Disk, dst: str, block_size: int, progress: ProgressFn | None) -> ConvertReport:
-    size = disk.size
-    _check_size(size, block_size)
+    _check_size(disk.size, block_size)
     blocks = np.fromiter(data_blocks(disk, block_size), dtype=np.int64)
+    with atomic_output(dst) as (fd, _tmp):
+        st = write_dynamic(fd, disk, block_size, blocks, lambda b, mv: not K.is_zero(mv), progress)
+    return ConvertReport("", dst, "dynamic", disk.size, st.bytes_read, st.bytes_written, st.blocks_written,
+                         st.bytes_dropped, 0, 0.0)
+
+
+@dataclass
+class DynamicWrite:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    blocks_written: int = 0
+    bytes_dropped: int = 0  # bytes of candidate blocks ``keep`` turned down
+    file_size: int = 0
+
+
+KeepFn = Callable[[int, memoryview], bool]
+
+
+def first_block_position(size: int, block_size: int) -> int:
+    """Where write_dynamic_layout ends its metadata (the footer's place before any block is added)."""
+    mte = -(-size // block_size)
+    return FOOTER_SIZE + HEADER_SIZE + -(-mte * 4 // SECTOR_SIZE) * SECTOR_SIZE
+
+
+def _next_block(pos: int, bm_size: int) -> int:
+    """Start of the next block's bitmap: its data begins page-aligned, like the blocks vhdcore appends elsewhere."""
+    return -(-(pos + bm_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm_size
+
+
+def dynamic_file_size(size: int, block_size: int, nblocks: int) -> int:
+    """The exact size of the dynamic VHD :func:`write_dynamic` makes with ``nblocks`` blocks."""
+    bm_size = bitmap_bytes(block_size)
+    pos = first_block_position(size, block_size)
+    if nblocks:
+        # Block data starts page-aligned, so consecutive data starts are align(bitmap + block) apart.
+        first_data = _next_block(pos, bm_size) + bm_size
+        stride = -(-(block_size + bm_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT
+        pos = first_data + (nblocks - 1) * stride + block_size
+    return pos + FOOTER_SIZE
+
+
+def write_dynamic(fd: int, disk: Disk, block_size: int, blocks: np.ndarray, keep: KeepFn,
+                  progress: ProgressFn | None) -> DynamicWrite:
+    """Write a new dynamic VHD of ``disk``'s size into the empty file ``fd``: each block of ``blocks`` (ascending)
+    is read from ``disk`` and written if ``keep(block, data)`` says so (``keep`` may rewrite the data in place).
+
+    Data goes first, then the BAT that points at it, then the footer; ``fd`` is expected to be an
+    :func:`~vhdcore.create.atomic_output` file, so a crash leaves nothing under the final name.
+    """
+    size = disk.size
+    st = DynamicWrite()
     total = int(len(blocks)) * block_size
     bm_size = bitmap_bytes(block_size)
     spb = block_size // SECTOR_SIZE
@@ -111,35 +161,33 @@ def _to_dynamic(disk: Disk, dst: str, block_size: int, progress: ProgressFn | No
     K.bitmap_set_range(full_bitmap, 0, spb)
     buf = bytearray(block_size)
     mv = memoryview(buf)
-    read = written = skipped = nblocks = 0
-    with atomic_output(dst) as (fd, _tmp):
-        end = write_dynamic_layout(fd, size, block_size)
-        pos = end - FOOTER_SIZE
-        mte = -(-size // block_size)
-        bat = np.full(mte, 0xFFFFFFFF, dtype=np.uint32)
-        for i, b in enumerate(blocks):
-            b = int(b)
-            start = b * block_size
-            n = min(block_size, size - start)
-            if n < block_size:
-                mv[n:] = bytes(block_size - n)
-            disk.readinto(start, mv[:n])
-            read += n
-            if K.is_zero(mv):
-                skipped += n
-            else:
-                # Data of every block starts page-aligned, like the blocks vhdcore appends elsewhere.
-                pos = -(-(pos + bm_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm_size
-                pwrite_all(fd, [full_bitmap, mv], pos)
-                bat[b] = pos // SECTOR_SIZE
-                pos += bm_size + block_size
-                written += bm_size + block_size
-                nblocks += 1
-            if progress:
-                progress((i + 1) * block_size, total)
-        # Metadata after data: the BAT and the final footer point at blocks already written.
-        os.pwrite(fd, bat.astype(">u4").tobytes(), FOOTER_SIZE + HEADER_SIZE)
-        footer = os.pread(fd, FOOTER_SIZE, 0)
-        os.pwrite(fd, footer, pos)
-        os.ftruncate(fd, pos + FOOTER_SIZE)
-    return ConvertReport("", dst, "dynamic", size, read, written, nblocks, skipped, 0, 0.0)
+    end = write_dynamic_layout(fd, size, block_size)
+    pos = end - FOOTER_SIZE
+    mte = -(-size // block_size)
+    bat = np.full(mte, 0xFFFFFFFF, dtype=np.uint32)
+    for i, b in enumerate(blocks):
+        b = int(b)
+        start = b * block_size
+        n = min(block_size, size - start)
+        if n < block_size:
+            mv[n:] = bytes(block_size - n)
+        disk.readinto(start, mv[:n])
+        st.bytes_read += n
+        if not keep(b, mv):
+            st.bytes_dropped += n
+        else:
+            pos = _next_block(pos, bm_size)
+            pwrite_all(fd, [full_bitmap, mv], pos)
+            bat[b] = pos // SECTOR_SIZE
+            pos += bm_size + block_size
+            st.bytes_written += bm_size + block_size
+            st.blocks_written += 1
+        if progress:
+            progress((i + 1) * block_size, total)
+    # Metadata after data: the BAT and the final footer point at blocks already written.
+    os.pwrite(fd, bat.astype(">u4").tobytes(), FOOTER_SIZE + HEADER_SIZE)
+    footer = os.pread(fd, FOOTER_SIZE, 0)
+    os.pwrite(fd, footer, pos)
+    os.ftruncate(fd, pos + FOOTER_SIZE)
+    st.file_size = pos + FOOTER_SIZE
+    return st
