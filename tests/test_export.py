@@ -398,6 +398,13 @@ def test_zero_allocated_block_and_differencing_sector_runs(tmp_path: Path) -> No
     assert qemu_raw(tmp_path / "big.vhd", tmp_path / "q.raw").read_bytes()[: 4 * MiB] == expect
     with vhdcore.open(tmp_path / "big.vhd") as d:
         assert d.leaf.block_size == 2 * MiB
+    # zero_scan leaves the all-zero allocated block out, and is automatic for a fixed source
+    rep = export(child, tmp_path / "scan.vhd", zero_scan=True, fsync=False)
+    assert rep.data_blocks == 4 and verify(tmp_path / "scan.vhd", child).match
+    fixed = tmp_path / "fixed.vhd"
+    convert(child, fixed, to="fixed")
+    rep = export(fixed, tmp_path / "from-fixed.vhd", block_size=BLOCK, fsync=False)
+    assert rep.data_blocks == 4 and verify(tmp_path / "from-fixed.vhd", child).match
     # a disk that is all unallocated: a valid VHD with an empty BAT
     empty = tmp_path / "e.vhd"
     vhdcore.create(empty, 3 * MiB).close()

@@ -180,6 +180,7 @@ def export(
     progress: ProgressCallback | None = None,
     unique_id: uuid.UUID | None = None,
     timestamp: int | None = None,
+    zero_scan: bool | None = None,
     **sink_options: Any,
 ) -> ExportReport:
     """Package the chain at ``src`` and deliver it to ``dest`` (a path, ``swift://container/object``, ``s3://``).
@@ -189,7 +190,8 @@ def export(
     ``long`` (zstd long-distance matching) and ``threads`` tune it. ``digests`` of the delivered bytes.
     ``manifest``: True writes the xxh3 manifest of the virtual content next to the destination as
     ``DEST.xxh3.json`` (uploaded beside a remote object), a path or URL puts it there, False skips it.
-    ``block_size`` (vhd), ``unique_id`` and ``timestamp`` (vhd, fixed footers) shape the new disk.
+    ``block_size`` (vhd), ``unique_id`` and ``timestamp`` (vhd, fixed footers) shape the new disk;
+    ``zero_scan`` (vhd; default: when a layer is a fixed VHD) reads the blocks once first to leave out all-zero ones.
     Other keyword options go to the sink (``segment_size``, ``concurrency``, credentials, ``fsync``...).
     """
     t0 = time.monotonic()
@@ -214,7 +216,8 @@ def export(
                 raise ValueError(f"the destination {dest} is a file of the chain being exported")
         want_manifest = manifest is not False
         mf = XXH3Manifest(manifest_block_size) if want_manifest else None
-        pkg = open_package(package, disk, mf, block_size=block_size, unique_id=unique_id, timestamp=timestamp)
+        pkg = open_package(package, disk, mf, block_size=block_size, unique_id=unique_id, timestamp=timestamp,
+                           zero_scan=zero_scan)
         side: dict[str, Any] = {}
         side_thread = None
         if want_manifest and isinstance(pkg, ChainTarPackage):

@@ -10,6 +10,8 @@ space is never read: the allocation map says where the data is.
   ones, data read through the chain), then the footer. The layout is the one ``convert --to dynamic``
   writes: BAT at 1536, block data page-aligned. One difference: convert drops allocated blocks that turn
   out to be all zeros, which a stream cannot know before its BAT has gone out; they compress to nothing.
+  With ``zero_scan`` (automatic when a layer is a fixed VHD, whose "allocation" is the whole disk) the
+  candidate blocks are read once before the stream starts and the all-zero ones left out, as convert does.
 * ``fixed``: the virtual content rounded up to a whole MiB (Azure and other importers refuse anything
   else; the footer's current size is the rounded size), then a fixed-disk footer. ``zero_ranges`` lists
   the stretches the allocation map proves zero, for an uploader that can skip them.
@@ -193,7 +195,8 @@ class VhdPackage(Package):
     name = "vhd"
 
     def __init__(self, disk: Disk, manifest: XXH3Manifest | None = None, *, block_size: int | None = None,
-                 unique_id: uuid.UUID | None = None, timestamp: int | None = None) -> None:
+                 unique_id: uuid.UUID | None = None, timestamp: int | None = None,
+                 zero_scan: bool | None = None) -> None:
         super().__init__()
         self.disk = disk
         self.manifest = manifest
@@ -202,6 +205,11 @@ class VhdPackage(Package):
         _check_size(size, bs)
         self.block_size = bs
         self.blocks = np.fromiter(data_blocks(disk, bs), dtype=np.int64)
+        # A fixed layer "holds" every block, so its allocation map says nothing: read its blocks once up front
+        # and keep those that are not all zeros (as convert does), rather than exporting a full-size disk.
+        self.zero_scan = any(img.is_fixed for img in disk.layers) if zero_scan is None else zero_scan
+        if self.zero_scan:
+            self.blocks = self._nonzero(self.blocks)
         self.data_blocks = len(self.blocks)
         self.bitmap_size = bm = bitmap_bytes(bs)
         mte = -(-size // bs)
@@ -225,6 +233,17 @@ class VhdPackage(Package):
             max_table_entries=mte, block_size=bs, checksum=0, parent_unique_id=_NIL_UUID, parent_timestamp=0,
             parent_unicode_name_raw=bytes(512), parent_locators=(),
         ).pack()
+
+    def _nonzero(self, blocks: np.ndarray) -> np.ndarray:
+        bs, size = self.block_size, self.disk.size
+        buf = memoryview(bytearray(bs))
+        keep = np.zeros(len(blocks), dtype=bool)
+        for i, b in enumerate(blocks.tolist()):
+            k = min(bs, size - b * bs)
+            self.disk.readinto(b * bs, buf[:k])
+            self.bytes_read += k
+            keep[i] = not K.is_zero(buf[:k])
+        return blocks[keep]
 
     def chunks(self) -> Iterator[memoryview]:
         disk, m = self.disk, self.manifest
@@ -466,11 +485,13 @@ class ChainTarPackage(Package):
 
 
 def open_package(name: str, disk: Disk, manifest: XXH3Manifest | None = None, *, block_size: int | None = None,
-                 unique_id: uuid.UUID | None = None, timestamp: int | None = None) -> Package:
+                 unique_id: uuid.UUID | None = None, timestamp: int | None = None,
+                 zero_scan: bool | None = None) -> Package:
     """The package ``name`` (one of :data:`PACKAGES`) of ``disk``; its manifest (if any) is fed as it streams,
     except for ``chain-tar`` whose stream holds no virtual content (see :func:`disk_manifest`)."""
     if name == "vhd":
-        return VhdPackage(disk, manifest, block_size=block_size, unique_id=unique_id, timestamp=timestamp)
+        return VhdPackage(disk, manifest, block_size=block_size, unique_id=unique_id, timestamp=timestamp,
+                          zero_scan=zero_scan)
     if name in ("fixed", "raw"):
         return FlatPackage(disk, manifest, fixed=name == "fixed", unique_id=unique_id, timestamp=timestamp)
     if name == "chain-tar":
