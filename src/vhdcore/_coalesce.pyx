@@ -200,6 +200,90 @@ cdef int _cmp_u32(const void* a, const void* b) noexcept nogil:
     return (x > y) - (x < y)
 
 
+cdef Py_ssize_t _scan_ordered(const uint32_t* b, Py_ssize_t n, uint64_t span, uint64_t* lowest,
+                              uint64_t* highest, Py_ssize_t* overlaps) noexcept nogil:
+    """scan_bat's answer if the allocated entries are in ascending order (returns their count); else -1."""
+    cdef Py_ssize_t i, count = 0, close = 0
+    cdef uint32_t e, prev = 0
+    for i in range(n):
+        e = b[i]
+        if e == UNUSED_ENTRY:
+            continue
+        if count:
+            if e < prev:
+                return -1
+            close += <uint64_t>(e - prev) < span
+        else:
+            lowest[0] = e
+        prev = e
+        count += 1
+    if count:
+        highest[0] = <uint64_t>prev + span
+    overlaps[0] = close
+    return count
+
+
+# Below this many entries qsort's per-call cost is smaller than the radix sort's 4 x 256-bucket histograms.
+cdef enum:
+    RADIX_MIN = 256
+    WC_SLOTS = 16  # entries per bucket staged before a flush: one 64-byte cache line
+
+
+cdef void _radix_sort_u32(uint32_t* a, uint32_t* tmp, Py_ssize_t n) noexcept nogil:
+    """Sort ``a`` ascending (``tmp`` holds ``n`` more): LSD radix, one byte per pass.
+
+    Passes whose byte is the same in every key are skipped (a file under 16 GiB never uses the top byte of
+    its sector numbers). Writes are staged per bucket and flushed a cache line at a time: block offsets
+    k * span spread evenly over the buckets, which puts the 256 write streams a power of two apart and makes
+    a plain scatter thrash the caches (3x slower on a shuffled 1M-entry BAT). qsort, calling a comparator
+    per step, is ~15x slower than this.
+    """
+    cdef Py_ssize_t hist[4 * 256]
+    cdef uint32_t stage[256 * WC_SLOTS]
+    cdef uint32_t fill[256]
+    cdef Py_ssize_t i, total, c
+    cdef Py_ssize_t* h
+    cdef uint32_t v, k
+    cdef uint32_t* src = a
+    cdef uint32_t* dst = tmp
+    cdef uint32_t* t
+    cdef int d, shift
+    memset(hist, 0, sizeof(hist))
+    for i in range(n):
+        v = a[i]
+        hist[v & 0xFF] += 1
+        hist[256 + ((v >> 8) & 0xFF)] += 1
+        hist[512 + ((v >> 16) & 0xFF)] += 1
+        hist[768 + (v >> 24)] += 1
+    for d in range(4):
+        h = hist + 256 * d
+        shift = 8 * d
+        if h[(src[0] >> shift) & 0xFF] == n:
+            continue
+        total = 0
+        for k in range(256):
+            c = h[k]
+            h[k] = total
+            total += c
+        memset(fill, 0, sizeof(fill))
+        for i in range(n):
+            v = src[i]
+            k = (v >> shift) & 0xFF
+            stage[k * WC_SLOTS + fill[k]] = v
+            fill[k] += 1
+            if fill[k] == WC_SLOTS:
+                memcpy(dst + h[k], &stage[k * WC_SLOTS], WC_SLOTS * sizeof(uint32_t))
+                h[k] += WC_SLOTS
+                fill[k] = 0
+        for k in range(256):
+            memcpy(dst + h[k], &stage[k * WC_SLOTS], fill[k] * sizeof(uint32_t))
+        t = src
+        src = dst
+        dst = t
+    if src != a:
+        memcpy(a, src, <size_t>n * sizeof(uint32_t))
+
+
 # ------------------------------------------------------------------------------------------------ checks
 cdef int _check_range(Py_ssize_t nbytes, Py_ssize_t start, Py_ssize_t stop) except -1:
     cdef Py_ssize_t nbits = nbytes * 8
@@ -399,33 +483,49 @@ def scan_bat(const uint32_t[::1] bat, Py_ssize_t span_sectors):
     cdef Py_ssize_t n = bat.shape[0]
     if n == 0:
         return (0, 0, 0, 0)
-    cdef uint32_t* used = <uint32_t*>malloc(<size_t>n * sizeof(uint32_t))
-    if used == NULL:
-        raise MemoryError()
     cdef const uint32_t* b = &bat[0]
-    cdef Py_ssize_t i, count = 0, overlaps = 0
+    cdef uint32_t* used = NULL
+    cdef uint32_t* tmp = NULL
+    cdef Py_ssize_t count = 0, overlaps = 0
     cdef uint64_t lowest = 0, highest = 0, span = <uint64_t>span_sectors
-    cdef bint ordered = True
+    cdef Py_ssize_t i
+    cdef bint failed = False
     try:
         with nogil:
-            for i in range(n):
-                if b[i] != UNUSED_ENTRY:
-                    if count and b[i] < used[count - 1]:
-                        ordered = False
-                    used[count] = b[i]
-                    count += 1
-            # Writers allocate blocks at the end of the file, so most BATs are already in sector order.
-            if count > 1 and not ordered:
-                qsort(used, <size_t>count, sizeof(uint32_t), _cmp_u32)
-            if count:
-                lowest = used[0]
-                highest = <uint64_t>used[count - 1] + span
-                for i in range(1, count):
-                    if <uint64_t>(used[i] - used[i - 1]) < span:
-                        overlaps += 1
+            # Writers append blocks at the end of the file, so most BATs are already in sector order: one
+            # read-only pass answers for them; the others are copied and sorted.
+            count = _scan_ordered(b, n, span, &lowest, &highest, &overlaps)
+            if count < 0:
+                used = <uint32_t*>malloc(<size_t>n * sizeof(uint32_t))
+                if used == NULL:
+                    failed = True
+                else:
+                    count = 0
+                    for i in range(n):
+                        if b[i] != UNUSED_ENTRY:
+                            used[count] = b[i]
+                            count += 1
+                    if count < RADIX_MIN:
+                        qsort(used, <size_t>count, sizeof(uint32_t), _cmp_u32)
+                    else:
+                        tmp = <uint32_t*>malloc(<size_t>count * sizeof(uint32_t))
+                        if tmp == NULL:
+                            failed = True
+                        else:
+                            _radix_sort_u32(used, tmp, count)
+                    if not failed:
+                        lowest = used[0]
+                        highest = <uint64_t>used[count - 1] + span
+                        overlaps = 0
+                        for i in range(1, count):
+                            if <uint64_t>(used[i] - used[i - 1]) < span:
+                                overlaps += 1
+        if failed:
+            raise MemoryError()
         return (count, lowest, highest, overlaps)
     finally:
         free(used)
+        free(tmp)
 
 
 def count_runs_in_blocks(const uint8_t[::1] bitmap, Py_ssize_t bits_per_block, Py_ssize_t nblocks,
