@@ -41,13 +41,19 @@ cdef extern from *:
         return w;
     }
 
+    /* Set bits of each byte value. */
+    #define VHDK_B2(k) k, k + 1, k + 1, k + 2
+    #define VHDK_B4(k) VHDK_B2(k), VHDK_B2(k + 1), VHDK_B2(k + 1), VHDK_B2(k + 2)
+    #define VHDK_B6(k) VHDK_B4(k), VHDK_B4(k + 1), VHDK_B4(k + 1), VHDK_B4(k + 2)
+    static const uint8_t vhdk_pop8[256] = { VHDK_B6(0), VHDK_B6(1), VHDK_B6(1), VHDK_B6(2) };
+
     /* Set bits in n bytes. Without -mpopcnt, __builtin_popcountll is a libgcc table walk (~7 GB/s here);
        the POPCNT instruction does ~23 GB/s, so x86 builds pick it at run time when the CPU has it. */
     #define VHDK_POPCOUNT_BODY                                                      \\
         uint64_t total = 0, w;                                                    \\
         size_t i = 0;                                                             \\
         for (; i + 8 <= n; i += 8) { memcpy(&w, p + i, 8); total += (uint64_t)__builtin_popcountll(w); } \\
-        for (; i < n; i++) total += (uint64_t)__builtin_popcount(p[i]);           \\
+        for (; i < n; i++) total += vhdk_pop8[p[i]];                               \\
         return total;
 
     static uint64_t vhdk_popcount_generic(const uint8_t *p, size_t n) { VHDK_POPCOUNT_BODY }
@@ -74,11 +80,12 @@ cdef extern from *:
     uint64_t vhdk_load_be64(const uint8_t* p) noexcept nogil
     uint64_t vhdk_load_le64(const uint8_t* p) noexcept nogil
     uint64_t vhdk_popcount_bytes(const uint8_t* p, size_t n) noexcept nogil
+    const uint8_t* POP8 "vhdk_pop8"  # set bits of a byte value (the builtin is a library call without -mpopcnt)
     const uint64_t ALL_ONES "VHDK_ALL_ONES"
     const uint32_t UNUSED_ENTRY "VHDK_UNUSED_ENTRY"
-    int __builtin_popcount(unsigned int x) noexcept nogil
     int __builtin_clzll(unsigned long long x) noexcept nogil
     int __builtin_ctzll(unsigned long long x) noexcept nogil
+    void __builtin_prefetch(const void* p) noexcept nogil
 
 
 # ------------------------------------------------------------------------------------------------ C cores
@@ -143,11 +150,9 @@ cdef Py_ssize_t _count(const uint8_t* p, Py_ssize_t start, Py_ssize_t stop, bint
     cdef Py_ssize_t first = start >> 3, last = (stop - 1) >> 3
     cdef int lo = <int>(start & 7), hi = <int>(stop - (last << 3))
     if first == last:
-        return __builtin_popcount(p[first] & _byte_mask(lo, hi, msb))
-    cdef Py_ssize_t total = __builtin_popcount(p[first] & _byte_mask(lo, 8, msb))
-    total += __builtin_popcount(p[last] & _byte_mask(0, hi, msb))
-    total += <Py_ssize_t>vhdk_popcount_bytes(p + first + 1, <size_t>(last - first - 1))
-    return total
+        return POP8[p[first] & _byte_mask(lo, hi, msb)]
+    cdef Py_ssize_t total = POP8[p[first] & _byte_mask(lo, 8, msb)] + POP8[p[last] & _byte_mask(0, hi, msb)]
+    return total + <Py_ssize_t>vhdk_popcount_bytes(p + first + 1, <size_t>(last - first - 1))
 
 
 cdef void _set_range(uint8_t* p, Py_ssize_t start, Py_ssize_t stop, bint value, bint msb) noexcept nogil:
@@ -553,4 +558,6 @@ def count_runs_in_blocks(const uint8_t[::1] bitmap, Py_ssize_t bits_per_block, P
         for blk in range(nblocks):
             s = blk * bits_per_block
             e = min(s + bits_per_block, nbits)
+            # Blocks of a few cache lines are too short for the hardware prefetcher to run ahead (3x slower).
+            __builtin_prefetch(p + min((s >> 3) + 1024, nbits >> 3))
             o[blk] = <uint32_t>_count(p, s, e, msb_first)
