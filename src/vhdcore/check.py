@@ -123,6 +123,8 @@ CODES: dict[str, tuple[str, str]] = {
                                   "file: the file was cut off or the entry is damaged. Reads of it fail."),
     "BAT_ENTRY_IN_METADATA": (ERROR, "A BAT entry points at a block that overlaps the footer copy, the dynamic "
                                      "header, the BAT or a parent locator: writing it would destroy metadata."),
+    "BAT_ENTRY_BEFORE_METADATA": (ERROR, "A block lies before a parent locator or the batmap. Writers place "
+                                         "every block after all the metadata; vhdcore refuses this layout."),
     "BAT_ENTRY_OVERLAP": (ERROR, "Two BAT entries point at blocks that overlap: writing one changes the other."),
     "BATMAP_OUTSIDE_FILE": (WARNING, "The blktap batmap after the BAT does not fit in the file."),
     "HEADER_PARENT_ID": (ERROR, "A differencing disk must record its parent's unique id; it is all zeros."),
@@ -685,10 +687,10 @@ def _check_dynamic(f: _File, a: FileAnalysis, c: _Collector, future: int) -> Non
         bm = BatmapHeader.parse(f.read(bat_end, SECTOR_SIZE))
         if bm is not None:
             a.metadata.append(("batmap header", bat_end, bat_end + SECTOR_SIZE))
-            if bm.batmap_offset < bat_end or bm.end > fsize or bm.batmap_size > (1 << 24):
+            if bm.batmap_offset < bat_end or bm.end > fsize:
                 c.add("BATMAP_OUTSIDE_FILE", bat_end + 8, "batmap.batmap_offset",
                       f"batmap at {bm.batmap_offset} of {bm.batmap_size} sectors")
-            else:
+            if bm.end <= fsize:
                 a.metadata.append(("batmap", bm.batmap_offset, bm.end))
 
     a.header_fields_ok = fields_ok
@@ -707,30 +709,34 @@ def _check_locators(f: _File, a: FileAnalysis, c: _Collector, header: DynamicHea
             continue
         o = hoff + 576 + 24 * i
         fld = f"header.parent_locator[{i}]"
+        space = loc.data_space_bytes
+        start = loc.data_offset
+        # A used slot reserves its data space whatever its platform code: readers and writers (vhdcore's Image
+        # too) keep blocks clear of it.
+        if 0 < start and start + space <= fsize and space <= MAX_LOCATOR_BYTES:
+            for name, ms, me in a.metadata:
+                if start < me and start + space > ms:
+                    c.add("LOCATOR_OVERLAP", o + 16, fld + ".data_offset",
+                          f"data at {start}..{start + space} overlaps the {name} at {ms}..{me}")
+            for j, s2, e2 in placed:
+                if start < e2 and start + space > s2:
+                    c.add("LOCATOR_OVERLAP", o + 16, fld + ".data_offset",
+                          f"data at {start}..{start + space} overlaps parent locator {j} at {s2}..{e2}")
+            placed.append((i, start, start + space))
         if loc.platform_code not in _LOCATOR_ORDER:
             c.add("LOCATOR_PLATFORM", o, fld + ".platform_code", f"platform code {loc.platform_code!r}")
             continue
         a.locators.append((i, loc))
-        space = loc.data_space_bytes
         if loc.data_length <= 0 or loc.data_length > space or loc.data_length > MAX_LOCATOR_BYTES:
             c.add("LOCATOR_LENGTH", o + 8, fld + ".data_length",
                   f"data length {loc.data_length} with data space {space} bytes")
-        if loc.data_offset % SECTOR_SIZE:
-            c.add("LOCATOR_ALIGNMENT", o + 16, fld + ".data_offset", f"data offset {loc.data_offset}")
-        start, stop = loc.data_offset, loc.data_offset + max(space, loc.data_length)
-        if loc.data_offset <= 0 or stop > fsize or space > MAX_LOCATOR_BYTES:
+        if start % SECTOR_SIZE:
+            c.add("LOCATOR_ALIGNMENT", o + 16, fld + ".data_offset", f"data offset {start}")
+        stop = start + max(space, loc.data_length)
+        if start <= 0 or stop > fsize or space > MAX_LOCATOR_BYTES:
             c.add("LOCATOR_OUTSIDE_FILE", o + 16, fld + ".data_offset",
                   f"data at {start}..{stop} is outside the {fsize}-byte file or absurdly large")
             continue
-        for name, ms, me in a.metadata:
-            if start < me and stop > ms:
-                c.add("LOCATOR_OVERLAP", o + 16, fld + ".data_offset",
-                      f"data at {start}..{stop} overlaps the {name} at {ms}..{me}")
-        for j, s2, e2 in placed:
-            if start < e2 and stop > s2:
-                c.add("LOCATOR_OVERLAP", o + 16, fld + ".data_offset",
-                      f"data at {start}..{stop} overlaps parent locator {j} at {s2}..{e2}")
-        placed.append((i, start, stop))
         if 0 < loc.data_length <= min(space, MAX_LOCATOR_BYTES):
             data = f.read(loc.data_offset, loc.data_length)
             a.locator_data[(loc.data_offset, loc.data_length)] = data
@@ -763,11 +769,21 @@ def _check_bat(f: _File, a: FileAnalysis, c: _Collector, table_off: int, mte: in
         i, fld, off, s, e = entry(int(k))
         c.add("BAT_ENTRY_PAST_EOF", off, fld, f"block {i} at {s}..{e} ends past {limit}"
               f" ({'the footer' if limit != f.size else 'the end of the file'})")
+    in_meta = np.zeros(len(idx), dtype=bool)
     for name, ms, me in a.metadata:
-        hit = np.flatnonzero((starts < me) & (ends > ms))
-        for k in c.room("BAT_ENTRY_IN_METADATA", hit):
+        mask = (starts < me) & (ends > ms)
+        in_meta |= mask
+        for k in c.room("BAT_ENTRY_IN_METADATA", np.flatnonzero(mask)):
             i, fld, off, s, e = entry(int(k))
             c.add("BAT_ENTRY_IN_METADATA", off, fld, f"block {i} at {s}..{e} overlaps the {name} at {ms}..{me}")
+    # Writers put every block after all the metadata and append new ones at the end; a block before a locator
+    # or the batmap is a layout vhdcore (and the writers it follows) never makes, and refuses.
+    last_name, _ms, front = max(a.metadata, key=lambda t: t[2])
+    early = np.flatnonzero((starts < front) & ~in_meta)
+    for k in c.room("BAT_ENTRY_BEFORE_METADATA", early):
+        i, fld, off, s, e = entry(int(k))
+        c.add("BAT_ENTRY_BEFORE_METADATA", off, fld, f"block {i} at {s}..{e} lies before the {last_name}, "
+              f"which ends at {front}")
     if len(idx) > 1:
         order = np.argsort(starts, kind="stable")
         s_sorted = starts[order]

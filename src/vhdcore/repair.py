@@ -42,6 +42,7 @@ _UNDO_REC = struct.Struct(">QQ")  # offset, length; then the bytes
 
 # Findings that mean the BAT cannot be trusted: a repair would have to guess which block is right.
 _BAT_ERRORS = {"BAT_ENTRY_PAST_EOF", "BAT_ENTRY_IN_METADATA", "BAT_ENTRY_OVERLAP", "BAT_OUTSIDE_FILE",
+               "BAT_ENTRY_BEFORE_METADATA",
                "HEADER_OFFSET", "HEADER_COOKIE", "HEADER_VERSION", "HEADER_BLOCK_SIZE", "HEADER_MAX_TABLE_ENTRIES",
                "HEADER_TABLE_OFFSET"}
 _FOOTER_FIELD_ERRORS = {"FOOTER_VERSION", "FOOTER_DISK_TYPE", "FOOTER_SIZE"}

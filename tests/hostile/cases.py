@@ -516,3 +516,22 @@ def _saved(d: Path) -> Target:
     lay = base(d)
     B.patch_footer(lay, saved_state=1, timestamp=0xFFFFFFF0)
     return Target(lay.path, None, None, {"FOOTER_SAVED_STATE", "FOOTER_TIMESTAMP_FUTURE"}, content=block_probe(lay))
+
+
+@case("locator data placed after a block")
+def _loc_after_block(d: Path) -> Target:
+    parent, child = _parent_and_child(d)
+    # The W2ru data moved to a new sector between the last block and the footer: clear of every block, but
+    # after block 1, a layout no writer makes.
+    buf = B.read(child.path)
+    w2ru = bytes(buf[child.locator_offsets[0] : child.locator_offsets[0] + 512])
+    B.write(child.path, buf[: child.footer_offset] + w2ru + buf[child.footer_offset :])
+    B.set_locator(child, 0, offset=child.footer_offset, space=512)
+    return Target(child.path, CorruptImageError, "bat[1]", {"BAT_ENTRY_BEFORE_METADATA"})
+
+
+@case("locator with an unknown platform code over a block")
+def _loc_unknown_platform(d: Path) -> Target:
+    parent, child = _parent_and_child(d)
+    B.set_locator(child, 1, code=b"M\0\0\0", offset=child.block_offsets[1] + 4096)
+    return Target(child.path, CorruptImageError, "bat[1]", {"BAT_ENTRY_IN_METADATA", "LOCATOR_PLATFORM"})

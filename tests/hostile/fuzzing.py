@@ -514,3 +514,30 @@ def load_regression(case_dir: Path, workdir: Path) -> Mutant:
         elif p.suffix == ".vhd":
             shutil.copy(p, workdir / p.name)
     return Mutant(workdir, workdir / meta["leaf"], meta["plan"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python tests/hostile/fuzzing.py CASE_DIR...``: run saved mutants under the limits (exit 1 on failure).
+    The atheris driver uses it to confirm a time-limit failure outside the slower instrumented process."""
+    import sys
+    import tempfile
+
+    status = 0
+    for case in (argv if argv is not None else sys.argv[1:]):
+        with tempfile.TemporaryDirectory() as tmp:
+            m = load_regression(Path(case), Path(tmp) / "m")
+            try:
+                out = run_limited(m, Path(tmp))
+            except Exception as e:  # noqa: BLE001
+                print(f"{case}: FAIL {type(e).__name__}: {e}")
+                status = 1
+            else:
+                print(f"{case}: ok {out}")
+    return status
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(TESTS))
+    raise SystemExit(main())
