@@ -535,3 +535,28 @@ def _loc_unknown_platform(d: Path) -> Target:
     parent, child = _parent_and_child(d)
     B.set_locator(child, 1, code=b"M\0\0\0", offset=child.block_offsets[1] + 4096)
     return Target(child.path, CorruptImageError, "bat[1]", {"BAT_ENTRY_IN_METADATA", "LOCATOR_PLATFORM"})
+
+
+def _child_truncation(point: str) -> Callable[[Path], Target]:
+    def make(d: Path) -> Target:
+        parent, child = _parent_and_child(d)
+        loc0, loc1 = child.locator_offsets
+        cut = {"inside the first locator's data": loc0 + 10, "between the locators' data": loc1,
+               "after the locators' data (no blocks)": child.block_offsets[1]}[point]
+        B.truncate(child, cut)
+        # The copy at 0 stands in for the footer; the cut locators are ignored (the parent name still finds the
+        # parent), and the first BAT entry points past the end.
+        return Target(child.path, CorruptImageError, "bat[1]", {"FOOTER_MISSING", "BAT_ENTRY_PAST_EOF"})
+    return make
+
+
+for _p in ("inside the first locator's data", "between the locators' data", "after the locators' data (no blocks)"):
+    CASES.append(Case(f"differencing child truncated {_p}", _child_truncation(_p)))
+
+
+@case("fixed disk with a torn footer")
+def _fixed_torn(d: Path) -> Target:
+    lay = B.build(d / "fixed.vhd", size=1 * MiB, disk_type=DiskType.FIXED)
+    B.truncate(lay, lay.file_size - 256)
+    # No copy to restore it from: not repairable without guessing.
+    return Target(lay.path, InvalidFormatError, "footer.cookie", {"FOOTER_MISSING"})
