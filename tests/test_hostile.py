@@ -188,6 +188,9 @@ def test_fifo_and_directory_as_the_disk(tmp_path, capsys) -> None:
     assert ei.value.field == "file"
     with pytest.raises(InvalidFormatError):
         check(fifo)
+    with pytest.raises(InvalidFormatError):
+        repair(fifo)
+    assert cli.main(["repair", str(fifo)]) == 2
     assert cli.main(["check", str(fifo)]) == 2
     assert cli.main(["check", str(tmp_path)]) == 2
     assert cli.main(["check", str(tmp_path / "missing.vhd")]) == 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 import sys
 import time
@@ -277,6 +278,13 @@ def repair(path: str | os.PathLike[str], dry_run: bool = False, fix_checksums: b
     ``remaining`` is what ``check(path, parent_dirs=...)`` reports afterwards (so it includes chain problems).
     """
     path = os.fspath(path)
+    # Read-only first: a FIFO or a device is refused before it is ever opened for writing.
+    probe = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(probe).st_mode):
+            raise InvalidFormatError("not a regular file", path=path, field="file")
+    finally:
+        os.close(probe)
     fd = os.open(path, (os.O_RDONLY if dry_run else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         _lock(fd, path)
