@@ -65,20 +65,24 @@ cdef extern from *:
     __attribute__((target("popcnt")))
     static uint64_t vhdk_popcount_hw(const uint8_t *p, size_t n) { VHDK_POPCOUNT_BODY }
 
+    static int vhdk_has_popcnt = 0;  /* set once at import, with the GIL held; read-only afterwards */
+
+    static void vhdk_init(void) {
+        __builtin_cpu_init();
+        vhdk_has_popcnt = __builtin_cpu_supports("popcnt") ? 1 : 0;
+    }
+
     static uint64_t vhdk_popcount_bytes(const uint8_t *p, size_t n) {
-        static int has_popcnt = -1;
-        if (has_popcnt < 0) {
-            __builtin_cpu_init();
-            has_popcnt = __builtin_cpu_supports("popcnt") ? 1 : 0;
-        }
-        return has_popcnt ? vhdk_popcount_hw(p, n) : vhdk_popcount_generic(p, n);
+        return vhdk_has_popcnt ? vhdk_popcount_hw(p, n) : vhdk_popcount_generic(p, n);
     }
     #else
+    static void vhdk_init(void) {}
     static uint64_t vhdk_popcount_bytes(const uint8_t *p, size_t n) { return vhdk_popcount_generic(p, n); }
     #endif
     """
     uint64_t vhdk_load_be64(const uint8_t* p) noexcept nogil
     uint64_t vhdk_load_le64(const uint8_t* p) noexcept nogil
+    void vhdk_init() noexcept
     uint64_t vhdk_popcount_bytes(const uint8_t* p, size_t n) noexcept nogil
     const uint8_t* POP8 "vhdk_pop8"  # set bits of a byte value (the builtin is a library call without -mpopcnt)
     const uint64_t ALL_ONES "VHDK_ALL_ONES"
@@ -86,6 +90,9 @@ cdef extern from *:
     int __builtin_clzll(unsigned long long x) noexcept nogil
     int __builtin_ctzll(unsigned long long x) noexcept nogil
     void __builtin_prefetch(const void* p) noexcept nogil
+
+
+vhdk_init()
 
 
 # ------------------------------------------------------------------------------------------------ C cores
@@ -237,7 +244,7 @@ cdef enum:
 cdef void _radix_sort_u32(uint32_t* a, uint32_t* tmp, Py_ssize_t n) noexcept nogil:
     """Sort ``a`` ascending (``tmp`` holds ``n`` more): LSD radix, one byte per pass.
 
-    Passes whose byte is the same in every key are skipped (a file under 16 GiB never uses the top byte of
+    Passes whose byte is the same in every key are skipped (a file under 8 GiB never uses the top byte of
     its sector numbers). Writes are staged per bucket and flushed a cache line at a time: block offsets
     k * span spread evenly over the buckets, which puts the 256 write streams a power of two apart and makes
     a plain scatter thrash the caches (3x slower on a shuffled 1M-entry BAT). qsort, calling a comparator
