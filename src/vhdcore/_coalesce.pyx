@@ -430,7 +430,7 @@ def sector_zero_mask(const uint8_t[::1] buf, uint8_t[::1] out, Py_ssize_t sector
     _check_sectors(nbytes, sector_size, "buffer")
     cdef Py_ssize_t n = nbytes // sector_size, zeros = 0, i, k, m
     if out.shape[0] < (n + 7) // 8:
-        raise ValueError(f"out holds {out.shape[0] * 8} bits, {n} sectors need {n}")
+        raise ValueError(f"out holds {out.shape[0] * 8} bits, fewer than the {n} sectors")
     if n == 0:
         return 0
     cdef const uint8_t* p = &buf[0]

@@ -18,13 +18,13 @@ import numpy as np
 CYTHON_MODULE = False
 
 UNUSED_ENTRY = 0xFFFFFFFF
+_NATIVE = "<" if sys.byteorder == "little" else ">"
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 def _popcounts(a: np.ndarray) -> np.ndarray:
     """Set bits of each byte (numpy >= 2 has a ufunc for it; older numpy takes the table)."""
     return np.bitwise_count(a) if hasattr(np, "bitwise_count") else _POPCOUNT8[a]
-_NATIVE = "<" if sys.byteorder == "little" else ">"
 
 
 # ------------------------------------------------------------------------------------------ buffer checks
@@ -131,10 +131,12 @@ def bitmap_set_range(bitmap, start: int, stop: int, value: bool = True, msb_firs
     if start == stop:
         return
     first, last = start >> 3, (stop - 1) >> 3
-    # Whole bytes are filled directly; only the (at most two) edge bytes are unpacked and repacked.
-    b = _bits(a, first * 8, (last + 1) * 8, msb_first)
-    b[start - first * 8 : stop - first * 8] = 1 if value else 0
-    a[first : last + 1] = np.packbits(b, bitorder=_order(msb_first))
+    # The (at most two) edge bytes are unpacked, edited and repacked; the bytes between are filled whole.
+    for byte in {first, last}:
+        b = np.unpackbits(a[byte : byte + 1], bitorder=_order(msb_first))
+        b[max(start - byte * 8, 0) : min(stop - byte * 8, 8)] = 1 if value else 0
+        a[byte] = np.packbits(b, bitorder=_order(msb_first))[0]
+    a[first + 1 : last] = 0xFF if value else 0x00
 
 
 def bitmap_or(dst, src) -> None:
@@ -176,7 +178,7 @@ def sector_zero_mask(buf, out, sector_size: int = 512) -> int:
     _check_sectors(len(a), sector_size, "buffer")
     n = len(a) // sector_size
     if len(o) < (n + 7) // 8:
-        raise ValueError(f"out holds {len(o) * 8} bits, {n} sectors need {n}")
+        raise ValueError(f"out holds {len(o) * 8} bits, fewer than the {n} sectors")
     if n == 0:
         return 0
     words = a.view(np.uint64) if sector_size % 8 == 0 else a
