@@ -33,7 +33,14 @@ def gpt_chain(tmp_path_factory) -> gs.GuestChain:
 
 @pytest.fixture(scope="module")
 def reports(mbr_chain, gpt_chain) -> dict[str, vhdcore.GrowthReport]:
-    return {"mbr": vhdcore.growth(mbr_chain.leaf, block_table=True), "gpt": vhdcore.growth(gpt_chain.leaf)}
+    seen: list[tuple[int, int]] = []
+    out = {"mbr": vhdcore.growth(mbr_chain.leaf, block_table=True, progress=lambda d, t: seen.append((d, t))),
+           "gpt": vhdcore.growth(gpt_chain.leaf)}
+    # Progress: bytes read, each layer's own blocks then the chain's, ending at the total.
+    per_layer = sum(min(bs, mbr_chain.size) * n for bs, n in zip(mbr_chain.block_sizes, mbr_chain.layer_blocks))
+    assert seen[-1][0] == seen[-1][1] == per_layer + out["mbr"].blocks["allocated"] * out["mbr"].block_size
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    return out
 
 
 def _chain(name, mbr_chain, gpt_chain) -> gs.GuestChain:
@@ -165,14 +172,14 @@ def test_fixed_disk_same_guest_answer(mbr_chain, reports, tmp_path) -> None:
     of the host file are not read."""
     fixed = gs.fixed_copy(mbr_chain)
     seen = []
-    rep = vhdcore.growth(fixed, progress=lambda done, total: seen.append(total))
+    rep = vhdcore.growth(fixed, progress=lambda done, total: seen.append((done, total)))
     chain_rep = vhdcore.growth(mbr_chain.leaf, block_size=2 * MiB)
     [layer] = rep.layers
     assert layer.type == "fixed" and layer.allocated_bytes == mbr_chain.size and layer.shadowed_bytes == 0
     assert rep.virtual_allocated_bytes == mbr_chain.size == rep.allocated_bytes
     assert layer.metadata_bytes == 512 and layer.file_size == mbr_chain.size + 512
     assert rep.block_size == 2 * MiB
-    assert seen and max(seen) < mbr_chain.size // 2  # only the host file's data was read
+    assert seen and seen[-1][0] == seen[-1][1] < mbr_chain.size // 2  # only the host file's data was read
     for a, b in zip(rep.filesystems, chain_rep.filesystems):
         assert (a.type, a.offset, a.used_bytes, a.free_allocated_nonzero_bytes) == \
                (b.type, b.offset, b.used_bytes, b.free_allocated_nonzero_bytes)

@@ -261,7 +261,7 @@ def _growth(disk: Disk, t0: float, block_size: int | None, want_table: bool,
     # Reading the layers one by one is needed only when the chain's view differs from each file's own view.
     single = len(layers_imgs) == 1 and (layers_imgs[0].block_size or FIXED_UNIT) == bs
     layer_read = 0 if single else sum(_layer_data_bytes(img) for img in layers_imgs)
-    reader = _Reader(bs, layer_read + int(alloc.data.sum()), progress)
+    reader = _Reader(bs, layer_read + int(span[alloc.data > 0].sum()), progress)
 
     # --- the VHD side, per layer; shadowing from the base up
     present = [_layer_present(img) for img in layers_imgs]
@@ -345,8 +345,13 @@ def _growth(disk: Disk, t0: float, block_size: int | None, want_table: bool,
 
 
 def _layer_data_bytes(img: Image) -> int:
+    """What _layer_zero_scan reads of one file."""
     if img.is_fixed:
-        return host_data_runs(img).total
+        nunits = -(-img.size // FIXED_UNIT)
+        data = host_data_runs(img).per_block(FIXED_UNIT, nunits) > 0
+        spans = np.minimum(np.arange(1, nunits + 1, dtype=np.int64) * FIXED_UNIT, img.size) - \
+            np.arange(nunits, dtype=np.int64) * FIXED_UNIT
+        return int(spans[data].sum())
     bs = img.block_size
     blocks = img.allocated_blocks().astype(np.int64)
     return int(np.clip(img.size - blocks * bs, 0, bs).sum())
