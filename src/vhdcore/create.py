@@ -145,9 +145,14 @@ def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: Disk
 
 
 def create(path: str | os.PathLike[str], size: int, type: str = "dynamic", block_size: int = DEFAULT_BLOCK_SIZE,
-           ) -> Disk:
-    """Create a fixed or dynamic VHD of ``size`` bytes; returns it opened "r+"."""
+           *, overwrite: bool = False) -> Disk:
+    """Create a fixed or dynamic VHD of ``size`` bytes; returns it opened "r+".
+
+    An existing file is never replaced unless ``overwrite`` is set (it may be somebody's disk).
+    """
     path = os.fspath(path)
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
     if type not in ("dynamic", "fixed"):
         raise ValueError(f"type must be 'dynamic' or 'fixed', not {type!r}")
     _check_size(size, block_size if type == "dynamic" else None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from typing import Iterator
 
 from ..progress import ProgressCallback, make_reporter
@@ -15,7 +16,7 @@ def add_progress_argument(p: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def progress_from_args(args: argparse.Namespace, label: str) -> Iterator[ProgressCallback]:
-    reporter = make_reporter(getattr(args, "progress", "auto"), label)
+    reporter = make_reporter(getattr(args, "progress", "auto"), label, stream=sys.stderr)
     try:
         yield reporter
     finally:

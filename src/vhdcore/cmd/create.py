@@ -15,11 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", required=True, type=parse_size, help="virtual size, e.g. 40G (up to 2040G)")
     p.add_argument("--type", choices=["dynamic", "fixed"], default="dynamic")
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE, help="dynamic disks: default 2M")
+    p.add_argument("--overwrite", action="store_true", help="replace PATH if it exists (default: refuse)")
     p.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    with create(args.path, args.size, type=args.type, block_size=args.block_size) as disk:
+    with create(args.path, args.size, type=args.type, block_size=args.block_size, overwrite=args.overwrite) as disk:
         info = {"path": disk.leaf.path, "type": args.type, "virtual_size": disk.size,
                 "block_size": disk.leaf.block_size or None, "unique_id": str(disk.leaf.unique_id)}
     if args.json:
