@@ -13,7 +13,7 @@ Compared, each best of ``--repeat`` with warm caches and output to the page cach
 * ``export`` with gzip (ISA-L level 1, 2 threads) against ``pigz -1 -p2`` on the allocated content;
 * the end-to-end export against today's pipeline, ``tar -czf`` of the chain's files (run once: it is slow);
 * upload to a local Swift: ``export`` to ``swift://`` (compressing as it uploads), and our SLO sink alone
-  sending the compressed file, against ``swift upload --use-slo`` of the same file, same segment size.
+  sending the compressed file, against ``swift upload --use-slo`` of the same file, same segment size (128 MiB).
 
 MB/s = 10^6 bytes of *allocated content* per second unless a column says otherwise, so every row of one
 table compares time for the same work. Run: ``python benchmarks/bench_export.py [--gib 4] [--repeat 2]
@@ -251,7 +251,7 @@ def _swift_rows(work: Path, leaf: Path, compressed: Path, repeat: int, rows: dic
     from vhdcore.export import export
     from vhdcore.upload import deliver
 
-    seg = 256 * MiB
+    seg = 128 * MiB
     size = compressed.stat().st_size
     base = Path(tempfile.mkdtemp(prefix="swift-", dir=work))
     server, procs = start_swift(base)
@@ -265,24 +265,30 @@ def _swift_rows(work: Path, leaf: Path, compressed: Path, repeat: int, rows: dic
                             "--object-name", "cli.vhd.zst", "bench", str(compressed)], env=env, check=True,
                            capture_output=True)
 
-        def sink_only() -> None:
-            with open(compressed, "rb") as f:
-                deliver(f, "swift://bench/sink.vhd.zst", compression="none", digests=(), segment_size=seg,
-                        read_size=8 * MiB, **creds)
+        def sink_only(**opts: Any) -> Callable[[], None]:
+            def run() -> None:
+                with open(compressed, "rb") as f:
+                    deliver(f, "swift://bench/sink.vhd.zst", compression="none", digests=(), segment_size=seg,
+                            read_size=8 * MiB, **creds, **opts)
+            return run
 
         def end_to_end() -> None:
             export(leaf, "swift://bench/export.vhd.zst", segment_size=seg, **creds)
 
         out: dict[str, float] = {}
-        for name, fn in (("swift upload --use-slo (CLI) of the compressed file", cli),
-                         ("vhdcore Swift SLO sink of the compressed file", sink_only),
+        for name, fn in (("swift upload --use-slo (CLI, 10 threads) of the compressed file", cli),
+                         ("vhdcore Swift SLO sink of the compressed file", sink_only()),
+                         ("vhdcore Swift SLO sink, 4 threads, spools in memory", sink_only(
+                             concurrency=4, spool_memory=seg)),
                          ("export vhd zstd-3 + 3 digests to swift:// (end to end)", end_to_end)):
             t, _, _ = best_of(repeat, fn)
             rows[name] = dict(seconds=round(t, 3), upload_mb_per_s=round(size / t / 1e6, 1))
             log(f"{name:58s} {t:8.3f} s {size / t / 1e6:9.1f} MB/s of compressed bytes")
-        cli_t = rows["swift upload --use-slo (CLI) of the compressed file"]["seconds"]
-        out["upload speed: vhdcore sink / swift upload"] = cli_t / rows[
+        cli_t = rows["swift upload --use-slo (CLI, 10 threads) of the compressed file"]["seconds"]
+        out["upload speed: vhdcore sink (defaults) / swift upload"] = cli_t / rows[
             "vhdcore Swift SLO sink of the compressed file"]["seconds"]
+        out["upload speed: vhdcore sink (4 threads, memory spools) / swift upload"] = cli_t / rows[
+            "vhdcore Swift SLO sink, 4 threads, spools in memory"]["seconds"]
         out["export to swift end to end / swift upload of the already compressed file"] = cli_t / rows[
             "export vhd zstd-3 + 3 digests to swift:// (end to end)"]["seconds"]
         return out

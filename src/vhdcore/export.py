@@ -193,6 +193,9 @@ def export(
     ``block_size`` (vhd), ``unique_id`` and ``timestamp`` (vhd, fixed footers) shape the new disk;
     ``zero_scan`` (vhd; default: when a layer is a fixed VHD) reads the blocks once first to leave out all-zero ones.
     Other keyword options go to the sink (``segment_size``, ``concurrency``, credentials, ``fsync``...).
+
+    The image is committed (renamed into place, or the SLO manifest / multipart upload completed) before its
+    manifest is written; if the manifest cannot be stored, the export raises with the image in place.
     """
     t0 = time.monotonic()
     src, dest = os.fspath(src), os.fspath(dest)
@@ -201,11 +204,11 @@ def export(
     kind = compression_for(dest, compression)
     scheme = parse_destination(dest)[0]
     remote = scheme != "file"
-    report = as_progress(progress)
-    report(0, None, state=TaskState.PREPARING, destination=dest, package=package)
-    copts: dict[str, Any] = {"long": True} if long and kind == "zstd" else {}
     if long and kind != "zstd":
         raise ValueError("long-distance matching is a zstd option")
+    copts: dict[str, Any] = {"long": True} if long else {}
+    report = as_progress(progress)
+    report(0, None, state=TaskState.PREPARING, destination=dest, package=package)
 
     from .upload.pipeline import deliver  # the compressors load with it
 
