@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = [
         ("vhdcore info", ["info", leaf]),
         ("vhdcore growth", ["growth", leaf]),
-        ("vhdcore image (check, coalesce, export with zstd, digests)",
-         ["image", leaf, os.path.join(directory, "server-image.vhd.zst"), "--no-growth", "--progress", "bar"]),
+        ("vhdcore image (check, coalesce, compact, export with zstd, digests)",
+         ["image", leaf, os.path.join(directory, "server-image.vhd.zst"), "--no-growth", "--compact", "full",
+          "--progress", "bar"]),
         ("vhdcore info of the coalesced base", ["info", os.path.join(directory, "base.vhd")]),
     ]
     for title, args in steps:

@@ -8,6 +8,7 @@ the seed orchestrator understands (preparing/coalescing 25 %, saving/uploading 5
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -23,13 +24,14 @@ class ImagingReport:
     check: dict
     growth: dict | None
     coalesce: dict | None
+    compact: dict | None
     export: dict
     seconds: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "destination": self.destination, "check": self.check,
-                "growth": self.growth, "coalesce": self.coalesce, "export": self.export,
+                "growth": self.growth, "coalesce": self.coalesce, "compact": self.compact, "export": self.export,
                 "seconds": self.seconds, "warnings": self.warnings}
 
 
@@ -56,6 +58,7 @@ def image(
     package: str = "vhd",
     compression: str = "auto",
     level: int | None = None,
+    compact: str | None = None,
     parent_dirs: Sequence[str] | None = None,
     progress: ProgressCallback | None = None,
     on_stage: Callable[[str, Any], None] | None = None,
@@ -65,6 +68,8 @@ def image(
 
     With ``coalesce`` (the default) every layer above the base is merged into the base and removed, as the
     seed pipeline does before upload; without it the chain is exported as it is (export reads through it).
+    ``compact`` ("zero", "quick" or "full") first writes a compacted copy of the (coalesced) disk beside it, so
+    deleted-file space and zero blocks are not shipped; the copy is removed after the export.
     ``on_stage(name, result)`` is called after each stage with its report (for a CLI to print as it goes).
     """
     from .check import check as do_check
@@ -116,10 +121,32 @@ def image(
             if on_stage:
                 on_stage("coalesce", co)
 
+    compacted = None
+    cr = None
+    if compact:
+        from .compact import compact as do_compact
+
+        t = time.monotonic()
+        fd, compacted = tempfile.mkstemp(prefix=".compacted-", suffix=".vhd", dir=os.path.dirname(os.path.abspath(source)))
+        os.close(fd)
+        os.unlink(compacted)
+        cr = do_compact(source, compacted, mode=compact, parent_dirs=parent_dirs,
+                        progress=_stage(prog, TaskState.PREPARING))
+        seconds["compact"] = round(time.monotonic() - t, 3)
+        warnings.extend(getattr(cr, "warnings", []) or [])
+        if on_stage:
+            on_stage("compact", cr)
+        source = compacted
+
     t = time.monotonic()
     remote = "://" in dest
-    ex = do_export(source, dest, package=package, compression=compression, level=level, parent_dirs=parent_dirs,
-                   progress=_stage(prog, TaskState.UPLOADING if remote else TaskState.SAVING), **export_options)
+    try:
+        ex = do_export(source, dest, package=package, compression=compression, level=level,
+                       parent_dirs=parent_dirs,
+                       progress=_stage(prog, TaskState.UPLOADING if remote else TaskState.SAVING), **export_options)
+    finally:
+        if compacted is not None and os.path.exists(compacted):
+            os.unlink(compacted)
     seconds["export"] = round(time.monotonic() - t, 3)
     warnings.extend(ex.warnings)
     if on_stage:
@@ -127,4 +154,5 @@ def image(
     prog(1, 1, state=TaskState.COMPLETE)
     return ImagingReport(
         source=leaf, destination=dest, check=chk.to_dict(), growth=gr.to_dict() if gr else None,
-        coalesce=co.to_dict() if co else None, export=ex.to_dict(), seconds=seconds, warnings=warnings)
+        coalesce=co.to_dict() if co else None, compact=cr.to_dict() if cr else None, export=ex.to_dict(),
+        seconds=seconds, warnings=warnings)

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--package", choices=["vhd", "fixed", "chain-tar", "raw"], default="vhd")
     p.add_argument("--compress", dest="compression", choices=["auto", "gzip", "zstd", "none"], default="auto")
     p.add_argument("--level", type=int, default=None)
+    p.add_argument("--compact", choices=["zero", "quick", "full"], default=None,
+                   help="ship a compacted copy: without all-zero blocks (zero), also without blocks the file "
+                        "systems mark free (quick), and with free sectors zeroed (full)")
     p.add_argument("--no-coalesce", dest="coalesce", action="store_false",
                    help="export through the chain without merging it (the chain is left as it is)")
     p.add_argument("--no-growth", dest="analyse", action="store_false", help="skip the growth report")
@@ -45,6 +48,10 @@ def _print_stage(name: str, result: Any) -> None:
         d = result.to_dict()
         out.write(f"[coalescing] merged {human(d.get('bytes_copied', 0))} into {d.get('target', '?')}"
                   f" in {d.get('seconds', 0):.2f} s\n")
+    elif name == "compact":
+        d = result.to_dict()
+        out.write(f"[preparing] compact ({d.get('mode')}): {human(d.get('bytes_before', 0))} -> "
+                  f"{human(d.get('bytes_after', 0))}\n")
     elif name == "export":
         out.write(f"[saving] {result.destination}: {result.package} + {result.compression}, {human(result.size)} "
                   f"from {human(result.package_size)} in {result.seconds:.2f} s\n")
@@ -56,7 +63,8 @@ def _print_stage(name: str, result: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     with progress_from_args(args, "image") as progress:
         rep = image(args.leaf, args.dest, coalesce=args.coalesce, analyse=args.analyse, package=args.package,
-                    compression=args.compression, level=args.level, parent_dirs=args.parent_dir,
+                    compression=args.compression, level=args.level, compact=args.compact,
+                    parent_dirs=args.parent_dir,
                     progress=progress, on_stage=None if args.json else _print_stage)
     if args.json:
         print_json(rep.to_dict())
