@@ -12,6 +12,7 @@ Sector masks are MSB-first (bit 7 of byte 0 is sector 0 of the block), the order
 from __future__ import annotations
 
 import os
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -19,11 +20,15 @@ import numpy as np
 
 from . import _kernels as K
 from .chain import Disk
-from .image import Image
+from .image import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, Image, _is_pow2
 from .structs import SECTOR_SIZE
 
-__all__ = ["Intervals", "BlockAllocation", "block_allocation", "host_data_runs", "FreeSectorMap", "BlockJudge",
-           "Verdict", "unsafe_reason"]
+__all__ = ["Intervals", "BlockAllocation", "block_allocation", "grid_block_size", "host_data_runs", "FreeSectorMap",
+           "BlockJudge", "Verdict", "unsafe_reason", "MAX_GRID_BLOCKS"]
+
+# The per-block arrays are sized by the grid: 2040 GiB (the VHD limit) in 512 KiB blocks is just under this.
+MAX_GRID_BLOCKS = 1 << 22
+DEFAULT_GRID = 2 * 1024 * 1024  # fixed disks have no blocks: the grid (and a compacted disk) uses 2 MiB
 
 
 # ------------------------------------------------------------------------------------------------ intervals
@@ -171,17 +176,27 @@ class BlockAllocation:
 def block_allocation(disk: Disk, block_size: int) -> BlockAllocation:
     """Per-block allocated and host-stored bytes, from the chain's extents (cost: the allocated runs)."""
     nblocks = -(-disk.size // block_size)
-    rows = [(e.offset, e.end, e.depth if e.layer.is_fixed else -1) for e in disk.allocated_extents()]
-    arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
-    allocated = Intervals.merged(arr[:, 0], arr[:, 1])
-    fixed = arr[:, 2] >= 0
+    # Runs are merged as they come (the extents are in order), so memory follows the number of separate runs.
+    starts, ends, depths = array("q"), array("q"), array("q")
+    for e in disk.allocated_extents():
+        depth = e.depth if e.layer.is_fixed else -1
+        if ends and ends[-1] == e.offset and depths[-1] == depth:
+            ends[-1] = e.end
+        else:
+            starts.append(e.offset)
+            ends.append(e.end)
+            depths.append(depth)
+    s = np.frombuffer(starts, dtype=np.int64) if starts else np.zeros(0, np.int64)
+    e_ = np.frombuffer(ends, dtype=np.int64) if ends else np.zeros(0, np.int64)
+    d = np.frombuffer(depths, dtype=np.int64) if depths else np.zeros(0, np.int64)
+    allocated = Intervals.merged(s, e_)
+    fixed = d >= 0
     if fixed.any():
         # Runs served by a fixed layer count as data only where its host file is not a hole.
-        parts_s, parts_e = [arr[~fixed, 0]], [arr[~fixed, 1]]
-        for depth in np.unique(arr[fixed, 2]):
-            sel = arr[:, 2] == depth
-            served = Intervals.merged(arr[sel, 0], arr[sel, 1])
-            held = host_data_runs(disk.layers[int(depth)]).intersect(served)
+        parts_s, parts_e = [s[~fixed]], [e_[~fixed]]
+        for depth in np.unique(d[fixed]).tolist():
+            sel = d == depth
+            held = host_data_runs(disk.layers[depth]).intersect(Intervals.merged(s[sel], e_[sel]))
             parts_s.append(held.starts)
             parts_e.append(held.ends)
         data = Intervals.merged(np.concatenate(parts_s), np.concatenate(parts_e))
@@ -189,6 +204,25 @@ def block_allocation(disk: Disk, block_size: int) -> BlockAllocation:
         data = allocated
     return BlockAllocation(block_size, nblocks, allocated.per_block(block_size, nblocks),
                            data.per_block(block_size, nblocks), allocated, data)
+
+
+def grid_block_size(disk: Disk, requested: int | None) -> tuple[int, str | None]:
+    """The block size of the grid (and of a compacted disk): ``requested``, else the leaf's (2 MiB for a fixed
+    disk), made coarser when the disk would have more than MAX_GRID_BLOCKS blocks; returns it and a warning."""
+    if requested is not None:
+        if not (_is_pow2(requested) and MIN_BLOCK_SIZE <= requested <= MAX_BLOCK_SIZE):
+            raise ValueError(f"block size must be a power of two from 512 bytes to 256 MiB, not {requested}")
+        if -(-disk.size // requested) > MAX_GRID_BLOCKS:
+            raise ValueError(f"block size {requested} cuts the {disk.size}-byte disk into more than "
+                             f"{MAX_GRID_BLOCKS} blocks")
+        return requested, None
+    bs = int(disk.leaf.block_size or DEFAULT_GRID)
+    note = None
+    while -(-disk.size // bs) > MAX_GRID_BLOCKS and bs < MAX_BLOCK_SIZE:
+        bs *= 2
+    if bs != (disk.leaf.block_size or DEFAULT_GRID):
+        note = f"blocks of {bs} bytes are used instead of the leaf's {disk.leaf.block_size} (a disk this large)"
+    return bs, note
 
 
 # ------------------------------------------------------------------------------------------------ guest side

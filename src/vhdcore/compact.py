@@ -22,10 +22,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import _kernels as K
-from .blockmap import BlockJudge, FreeSectorMap, block_allocation
+from .blockmap import BlockJudge, FreeSectorMap, block_allocation, grid_block_size
 from .chain import open_chain
 from .convert import write_dynamic
-from .create import DEFAULT_BLOCK_SIZE, _check_size, atomic_output
+from .create import _check_size, atomic_output
 from .structs import SECTOR_SIZE
 
 __all__ = ["compact", "CompactReport", "MODES"]
@@ -68,10 +68,10 @@ def compact(src: str | os.PathLike[str], dst: str | os.PathLike[str], mode: str 
     with open_chain(src_s, "r", parent_dirs, strict=strict) as disk:
         if any(os.path.exists(dst_s) and os.path.samefile(dst_s, img.path) for img in disk.layers):
             raise ValueError(f"{dst_s} is part of the source chain: compaction writes a new file")
-        bs = int(block_size or disk.leaf.block_size or DEFAULT_BLOCK_SIZE)
+        bs, grid_note = grid_block_size(disk, block_size)
         _check_size(disk.size, bs)
         before = sum(img.file_size for img in disk.layers)
-        warnings = list(disk.warnings)
+        warnings = list(disk.warnings) + ([grid_note] if grid_note else [])
         fs_summary: list[dict] = []
         fmap = None
         if mode != "zero":

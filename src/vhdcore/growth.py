@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import os
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import _kernels as K
-from .blockmap import BlockJudge, FreeSectorMap, Intervals, block_allocation, host_data_runs
+from .blockmap import BlockJudge, FreeSectorMap, Intervals, block_allocation, grid_block_size, host_data_runs
 from .chain import Disk, open_chain
 from .convert import dynamic_file_size
-from .create import DEFAULT_BLOCK_SIZE
 from .image import Image
 from .structs import FOOTER_SIZE, HEADER_SIZE, SECTOR_SIZE
 
@@ -168,17 +168,22 @@ def _layer_present(img: Image) -> Intervals:
     blocks = blocks[blocks * bs < size]
     if not img.is_differencing:
         return Intervals.merged(blocks * bs, np.minimum(blocks * bs + bs, size))
-    starts: list[int] = []
-    ends: list[int] = []
+    starts, ends = array("q"), array("q")
     for b in blocks.tolist():
         base = b * bs
         nsec = (min(base + bs, size) - base) // SECTOR_SIZE
         bitmap = img.read_bitmap(b)
         for first, n, present in K.bitmap_runs(bitmap, 0, nsec):
             if present:
-                starts.append(base + first * SECTOR_SIZE)
-                ends.append(base + (first + n) * SECTOR_SIZE)
-    return Intervals.merged(starts, ends)
+                s, e = base + first * SECTOR_SIZE, base + (first + n) * SECTOR_SIZE
+                if ends and ends[-1] == s:  # runs continuing into the next block
+                    ends[-1] = e
+                else:
+                    starts.append(s)
+                    ends.append(e)
+    if not starts:
+        return Intervals.empty()
+    return Intervals(np.frombuffer(starts, np.int64).copy(), np.frombuffer(ends, np.int64).copy())
 
 
 def _layer_zero_scan(img: Image, reader: _Reader) -> tuple[int, int]:
@@ -250,9 +255,7 @@ def _growth(disk: Disk, t0: float, block_size: int | None, want_table: bool,
     from . import guest
 
     size = disk.size
-    bs = int(block_size or disk.leaf.block_size or DEFAULT_BLOCK_SIZE)
-    if bs % SECTOR_SIZE or bs <= 0:
-        raise ValueError(f"block size must be a positive multiple of {SECTOR_SIZE}, not {bs}")
+    bs, grid_note = grid_block_size(disk, block_size)
     layers_imgs = disk.layers
     alloc = block_allocation(disk, bs)
     nblocks = alloc.nblocks
@@ -328,6 +331,8 @@ def _growth(disk: Disk, t0: float, block_size: int | None, want_table: bool,
               "free": int((droppable & ~zero).sum()), "kept": kept_full}
     used = sum(fs.used_bytes for fs in filesystems if fs.type != "unknown")
     warnings = _warnings(disk, g, fmap, filesystems, size, file_size, compacted["full"], used)
+    if grid_note:
+        warnings.append(grid_note)
     estimate = {"now": imaging_seconds(file_size), "after_compaction": imaging_seconds(compacted["full"]),
                 "seconds_per_gb": SECONDS_PER_GB}
     table = _block_table(alloc, zero, droppable, fmap, fs_free_alloc_pb, table_nonzero, span) if want_table else None
