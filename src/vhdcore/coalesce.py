@@ -538,6 +538,7 @@ class _Merger:
             self.progress(0, self.total, state="coalescing")
         w = TargetWriter(T, self.io, self.batch_bytes, int(len(new)))
         try:
+            w.reserve()
             for b in existing:
                 self.merge(int(b), w, False)
             for b in new:

@@ -188,6 +188,12 @@ class TargetWriter:
         bm = self.img.bitmap_size
         return -(-(pos + bm) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm
 
+    def reserve(self) -> None:
+        """Reserve the region for the new blocks now (cheapest before anything else is dirty: its sync is then
+        one sector, not the writes in flight)."""
+        if not self.fixed and not self.reserved and self.remaining > 0:
+            self._reserve()
+
     def _reserve(self) -> None:
         n = max(1, self.remaining)
         end = self._slot_after(self.pos) + (n - 1) * self.stride + self.span
