@@ -339,3 +339,19 @@ def test_cli(mbr_chain, reports) -> None:
     assert "reclaimable by compaction" in lines[5]
     p = _cli("growth", str(mbr_chain.root / "missing.vhd"))
     assert p.returncode == 1 and p.stderr.count("\n") == 1
+
+
+@pytest.mark.backend_independent
+def test_grid_choices(tmp_path) -> None:
+    """The grid is a power of two the disk can be cut into without per-block arrays sized past 4M entries."""
+    vhd = tmp_path / "e.vhd"
+    vhdcore.create(vhd, 100 * GiB, block_size=512 * 1024).close()
+    rep = vhdcore.growth(vhd)
+    assert rep.block_size == 512 * 1024 and rep.blocks["allocated"] == 0 and rep.filesystems == []
+    assert rep.partition_table == "empty" and rep.compacted_size["full"] < 2 * MiB
+    assert vhdcore.growth(vhd, block_size=4 * MiB).block_size == 4 * MiB
+    for bad in (4096, 3 * MiB, 512 * MiB):
+        with pytest.raises(ValueError, match="block size"):
+            vhdcore.growth(vhd, block_size=bad)
+    p = _cli("growth", str(vhd), "--block-size", "4K")
+    assert p.returncode == 1 and "block size" in p.stderr and p.stderr.count("\n") == 1

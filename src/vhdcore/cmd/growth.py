@@ -87,7 +87,8 @@ def render(rep: GrowthReport) -> str:
     lines += _table([
         ["metadata (footers, header, BAT, locators, sector bitmaps)", human(rep.metadata_bytes)],
         ["block data areas", human(block_bytes)],
-        ["  sectors of differencing blocks holding nothing", human(block_bytes - rep.allocated_bytes)],
+        ["  block space holding no data of the disk (unwritten sectors, past the end)",
+         human(block_bytes - rep.allocated_bytes)],
         ["  duplicates of data a lower layer holds", human(rep.shadowed_bytes)],
         ["  blocks holding only zeros", human(rep.zero_block_bytes)],
         ["padding and space no structure refers to", human(sum(l.other_bytes for l in rep.layers))],
