@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
-from typing import Iterator
 
 from ..compact import MODES, compact
 from ._common import add_open_arguments, human, parse_size, print_json
-from ._progress import add_progress_argument
+from ._progress import add_progress_argument, progress_from_args
 
 NAME = "compact"
 HELP = "write a compacted copy of a chain: drop zero blocks and blocks the file systems do not use (Optimize-VHD)"
@@ -26,22 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_open_arguments(p)
 
 
-@contextlib.contextmanager
-def _reporter(args: argparse.Namespace, label: str) -> Iterator:
-    """Progress on stderr, so that --json output on stdout stays one document."""
-    from ..progress import make_reporter
-
-    reporter = make_reporter(args.progress, label, stream=sys.stderr)
-    try:
-        yield reporter
-    finally:
-        close = getattr(reporter, "close", None)
-        if close is not None:
-            close()
-
-
 def run(args: argparse.Namespace) -> int:
-    with _reporter(args, "compact") as progress:
+    with progress_from_args(args, "compact") as progress:
         rep = compact(args.src, args.dst, mode=args.mode, block_size=args.block_size, parent_dirs=args.parent_dir,
                       strict=not args.ignore_checksums, progress=progress)
     if args.json:
