@@ -39,7 +39,7 @@ def _print_stage(name: str, result: Any) -> None:
             out.write(f"    {f}\n")
     elif name == "growth":
         d = result.to_dict()
-        used = sum(fs["used_bytes"] for fs in d["filesystems"])
+        used = d["used_bytes"]
         out.write(f"[preparing] growth: file systems use {human(used)}, the VHD chain is {human(d['file_size'])}; "
                   f"compaction would reclaim {human(d['reclaimable_bytes'])}; imaging estimate "
                   f"{d['imaging_estimate_seconds']['now'] / 60:.1f} min now, "
