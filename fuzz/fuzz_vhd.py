@@ -50,7 +50,7 @@ def test_one_input(data: bytes) -> None:
     shutil.rmtree(d, ignore_errors=True)
     m = F.materialize(F.Plan.decode(data), d)
     try:
-        F.run_limited(m, d)
+        F.run_limited(m, d, keep_tracing=True)
     except F.FuzzFailure as e:
         if str(e).startswith("took") and _fast_outside(m):
             return  # slow only under coverage instrumentation (several times slower) on a busy machine

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ def scratch():
     root = Path(tempfile.mkdtemp(prefix="vhdfuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     F.seeds()
     yield root
+    if tracemalloc.is_tracing():
+        tracemalloc.stop()
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -52,7 +55,7 @@ def test_short_fuzz_run(scratch: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
         m = F.materialize(F.Plan.decode(data), d)
         try:
-            out = F.run_limited(m, d)
+            out = F.run_limited(m, d, keep_tracing=True)
         except Exception as e:
             saved = F.save_regression(m, f"{type(e).__name__}: {e}", scratch / "crashes")
             raise AssertionError(f"{m.plan_text}\n-> {type(e).__name__}: {e}\nmutant kept in {saved} (copy it to "
