@@ -23,7 +23,8 @@ from .exceptions import (
 )
 from .extents import Extent, merge_zero_runs
 from .geometry import vhd_timestamp
-from .image import NOT_HERE, Image, zero_fill
+from .fileio import zero_fill
+from .image import NOT_HERE, Image
 from .structs import SECTOR_SIZE
 
 # Deeper chains exist nowhere in practice; a longer one is a loop through copies or a hostile file.
@@ -312,15 +313,24 @@ class DiskStream(io.RawIOBase):
         return self._pos
 
 
-def open_chain(
+MismatchHandler = Callable[[Image, Sequence[str], ParentMismatchError], str]
+
+
+def open_layers(
     path: str | os.PathLike[str],
     mode: str = "r",
     parent_dirs: Sequence[str | os.PathLike[str]] | None = None,
     *,
     strict: bool = True,
     resolver: Resolver | None = None,
-) -> Disk:
-    """Open ``path`` and every parent it needs. Only the leaf is opened for writing (mode "r+")."""
+    on_mismatch: MismatchHandler | None = None,
+) -> tuple[list[Image], list[str]]:
+    """Open ``path`` and every parent it needs, leaf first; returns the images and the warnings.
+
+    Only the leaf is opened for writing (mode "r+"). A parent whose unique id differs from what its child
+    records is a ParentMismatchError, unless ``on_mismatch(child, allowed_dirs, error)`` returns the path of a
+    parent to accept anyway (coalesce's ``force parent-id``).
+    """
     leaf = Image(path, mode, strict=strict)
     layers = [leaf]
     warnings: list[str] = []
@@ -333,7 +343,14 @@ def open_chain(
             if len(layers) >= MAX_CHAIN_DEPTH:
                 raise ChainCycleError(f"chain deeper than {MAX_CHAIN_DEPTH} layers", path=leaf.path,
                                       field="chain depth", value=len(layers))
-            ppath = resolver(img, allowed) if resolver else resolve_parent(img, allowed)
+            accept_other_id = False
+            try:
+                ppath = resolver(img, allowed) if resolver else resolve_parent(img, allowed)
+            except ParentMismatchError as e:
+                if on_mismatch is None:
+                    raise
+                ppath = on_mismatch(img, allowed, e)
+                accept_other_id = True
             parent = Image(ppath, "r", strict=strict)
             if _identity(parent) in seen:
                 parent.close()
@@ -341,23 +358,36 @@ def open_chain(
                                       value=ppath)
             seen.add(_identity(parent))
             layers.append(parent)
-            if parent.unique_id != img.header.parent_unique_id:
+            if parent.unique_id != img.header.parent_unique_id and not accept_other_id:
                 raise ParentMismatchError(
                     f"parent {ppath} has unique id {parent.unique_id}, the child records "
                     f"{img.header.parent_unique_id}", path=img.path, offset=img.footer.data_offset + 40,
                     field="header.parent_unique_id", value=str(img.header.parent_unique_id))
             recorded = img.header.parent_timestamp
-            if recorded:
+            if recorded:  # Windows records 0: nothing to compare
                 mtime = vhd_timestamp(os.stat(ppath).st_mtime)
                 if recorded not in (mtime, parent.footer.timestamp):
                     warnings.append(
-                        f"{img.path}: parent timestamp {recorded} differs from {ppath}'s modification time "
+                        f"{img.path}: parent time stamp {recorded} differs from {ppath}'s modification time "
                         f"{mtime} (copied between hosts?)")
             img = parent
     except BaseException:
         for im in layers:
             im.close()
         raise
+    return layers, warnings
+
+
+def open_chain(
+    path: str | os.PathLike[str],
+    mode: str = "r",
+    parent_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    *,
+    strict: bool = True,
+    resolver: Resolver | None = None,
+) -> Disk:
+    """Open ``path`` and every parent it needs as one Disk. Only the leaf is opened for writing (mode "r+")."""
+    layers, warnings = open_layers(path, mode, parent_dirs, strict=strict, resolver=resolver)
     return Disk(layers, warnings)
 
 

@@ -32,15 +32,14 @@ import fcntl
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import xxhash
 
 from . import _kernels as K
-from .chain import MAX_CHAIN_DEPTH, Disk, _candidate_names, _within, resolve_parent
+from .chain import Disk, _candidate_names, _identity, _within, open_layers, resolve_parent
 from .exceptions import (
-    ChainCycleError,
     ChainError,
     LockError,
     ParentMismatchError,
@@ -49,12 +48,11 @@ from .exceptions import (
     VerificationError,
     VHDError,
 )
-from .geometry import vhd_timestamp
 from .coalesce_writer import TargetWriter, WriteIO, pieces
 from .image import Image
 from .progress import as_progress
 from .relink import dependents, fsync_dir, journal_path, read_journal, relink, write_journal
-from .structs import FOOTER_SIZE, SECTOR_SIZE, UNUSED_BAT_ENTRY
+from .structs import SECTOR_SIZE, UNUSED_BAT_ENTRY
 
 MiB = 1024 * 1024
 
@@ -190,54 +188,24 @@ def _find_parent_any_id(img: Image, allowed: Sequence[str]) -> str:
 
 def _open_layers(child: str, parent_dirs: Sequence[str], strict: bool, force: set[str],
                  warnings: list[str]) -> list[Image]:
-    """The child's whole chain, every file read-only, leaf first. Like chain.open_chain, but a parent whose
+    """The child's whole chain, every file read-only, leaf first. As chain.open_layers, but a parent whose
     unique id differs is an UnsafeOperationError (overridable with force 'parent-id'), not a dead end."""
-    leaf = Image(child, "r", strict=strict)
-    layers = [leaf]
-    try:
-        allowed = [os.path.dirname(os.path.realpath(leaf.path))]
-        allowed += [os.path.realpath(os.fspath(d)) for d in parent_dirs]
-        seen = {_identity(leaf)}
-        img = leaf
-        while img.is_differencing:
-            if len(layers) >= MAX_CHAIN_DEPTH:
-                raise ChainCycleError(f"chain deeper than {MAX_CHAIN_DEPTH} layers", path=leaf.path,
-                                      field="chain depth", value=len(layers))
-            try:
-                ppath = resolve_parent(img, allowed)
-            except ParentMismatchError as e:
-                if FORCE_PARENT_ID not in force:
-                    raise UnsafeOperationError(
-                        f"the parent of {img.path} does not carry the unique id the child records ({e.message}); "
-                        "its data may not be what the child was written over. Pass force "
-                        f"'{FORCE_PARENT_ID}' (--force {FORCE_PARENT_ID}) to merge anyway",
-                        path=img.path, offset=e.offset, field="header.parent_unique_id", value=e.value) from None
-                ppath = _find_parent_any_id(img, allowed)
-                warnings.append(f"{img.path}: parent {ppath} has a different unique id than the child records "
-                                f"(merged anyway: force '{FORCE_PARENT_ID}')")
-            parent = Image(ppath, "r", strict=strict)
-            if _identity(parent) in seen:
-                parent.close()
-                raise ChainCycleError("the chain loops back on itself", path=img.path, field="parent", value=ppath)
-            seen.add(_identity(parent))
-            layers.append(parent)
-            recorded = img.header.parent_timestamp
-            if recorded:
-                mtime = vhd_timestamp(os.stat(ppath).st_mtime)
-                if recorded not in (mtime, parent.footer.timestamp):
-                    warnings.append(f"{img.path}: parent time stamp {recorded} differs from {ppath}'s modification "
-                                    f"time {mtime} (copied between hosts?)")
-            img = parent
-    except BaseException:
-        for im in layers:
-            im.close()
-        raise
+
+    def on_mismatch(img: Image, allowed: Sequence[str], e: ParentMismatchError) -> str:
+        if FORCE_PARENT_ID not in force:
+            raise UnsafeOperationError(
+                f"the parent of {img.path} does not carry the unique id the child records ({e.message}); "
+                "its data may not be what the child was written over. Pass force "
+                f"'{FORCE_PARENT_ID}' (--force {FORCE_PARENT_ID}) to merge anyway",
+                path=img.path, offset=e.offset, field="header.parent_unique_id", value=e.value) from None
+        ppath = _find_parent_any_id(img, allowed)
+        warnings.append(f"{img.path}: parent {ppath} has a different unique id than the child records "
+                        f"(merged anyway: force '{FORCE_PARENT_ID}')")
+        return ppath
+
+    layers, found = open_layers(child, "r", parent_dirs, strict=strict, on_mismatch=on_mismatch)
+    warnings.extend(found)
     return layers
-
-
-def _identity(img: Image) -> tuple[int, int]:
-    st = os.fstat(img.fd)
-    return st.st_dev, st.st_ino
 
 
 def _lock_shared(img: Image) -> None:

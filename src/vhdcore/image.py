@@ -28,7 +28,7 @@ from .exceptions import (
     UnsupportedFeatureError,
     VHDError,
 )
-from .fileio import preadinto_exact, pwrite_all, zero_fill  # noqa: F401 - zero_fill re-exported
+from .fileio import preadinto_exact, pwrite_all, zero_fill  # noqa: F401 - zero_fill is re-exported
 from .geometry import Geometry
 from .structs import (
     FOOTER_SIZE,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..chain import Disk, open_chain
 from ..geometry import timestamp_to_datetime
