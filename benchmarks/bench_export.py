@@ -6,7 +6,10 @@ all zeros are left unallocated), with a differencing child holding ~5 % of rewri
 job exports. The "allocated content" is every run some layer holds, laid end to end (what a compressor
 must read at least).
 
-Compared, each best of ``--repeat`` with warm caches and output to the page cache (no fsync anywhere):
+Compared with warm caches and output to the page cache (no fsync anywhere), in ``--repeat`` interleaved
+rounds (every variant once per round; ratios taken within a round, medians reported), so that load that
+comes and goes on a shared machine hits every variant alike. CPU seconds (this process's threads and the
+CLIs' processes) are reported too: on a busy machine they say more than the wall clock.
 
 * ``export --package vhd`` with zstd -3 (2 threads) against ``zstd -3 -T2`` on the allocated content, both
   without digests, and with md5+sha256+sha512 against ``zstd ... | tee >(md5sum) >(sha256sum) >(sha512sum)``;
@@ -29,6 +32,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,76 +174,88 @@ def run_all(work: Path, gib: int, repeat: int, swift: bool, log: Callable[[str],
     n_alloc = allocated_content(leaf, alloc)
     out = work / "out"
     out.mkdir(exist_ok=True)
-    rows: dict[str, dict[str, Any]] = {}
-
-    def row(name: str, seconds: float, out_bytes: int, **extra: Any) -> None:
-        cpu = _LAST_CPU[0]
-        rows[name] = dict(seconds=round(seconds, 3), cpu_seconds=round(cpu, 3),
-                          mb_per_s=round(n_alloc / seconds / 1e6, 1), out_bytes=out_bytes, **extra)
-        log(f"{name:58s} {seconds:8.3f} s {n_alloc / seconds / 1e6:9.1f} MB/s  cpu {cpu:7.3f} s")
-
-    def ours(name: str, dest: str, **kw: Any) -> Any:
-        def once() -> Any:
-            return export(leaf, dest, fsync=False, **kw)
-        t, rep, _ = best_of(repeat, once)
-        row(name, t, rep.size, package_bytes=rep.package_size, package_mb_per_s=round(rep.package_size / t / 1e6, 1),
-            virtual_mb_per_s=round(rep.virtual_size / t / 1e6, 1), ratio=round(rep.ratio, 3))
-        return rep
-
     log(f"chain: {leaf.name} -> {base.name}, {gib} GiB virtual, {n_alloc / GiB:.2f} GiB allocated content")
-    # compression alone
-    t, _, _ = best_of(repeat, lambda: sh(f"zstd -3 -T2 -q -f -o {out}/cli.zst {alloc}"))
-    row("zstd -3 -T2 (CLI, allocated content)", t, (out / "cli.zst").stat().st_size)
-    ours("export vhd zstd-3, no digests", str(out / "a.vhd.zst"), digests=())
-    # fifos and background jobs, so that `wait` covers the hashers (and their CPU time is counted)
-    t, _, _ = best_of(repeat, lambda: sh(
-        f"cd {out} && rm -f p1 p2 p3 && mkfifo p1 p2 p3 && "
-        f"{{ md5sum < p1 > m & sha256sum < p2 > s2 & sha512sum < p3 > s5 & }} && "
-        f"zstd -3 -T2 -q -c {alloc} | tee p1 p2 p3 > cli2.zst; wait"))
-    row("zstd -3 -T2 | tee md5sum sha256sum sha512sum", t, (out / "cli2.zst").stat().st_size)
-    zrep = ours("export vhd zstd-3 + md5/sha256/sha512", str(out / "b.vhd.zst"))
-    ours("export vhd zstd-3 + md5", str(out / "c.vhd.zst"), digests=("md5",))
-    t, _, _ = best_of(repeat, lambda: sh(f"pigz -1 -p 2 -c {alloc} > {out}/cli.gz"))
-    row("pigz -1 -p2 (CLI, allocated content)", t, (out / "cli.gz").stat().st_size)
-    ours("export vhd gzip-1, no digests", str(out / "d.vhd.gz"), digests=())
-    grep = ours("export vhd gzip-1 + md5/sha256/sha512", str(out / "e.vhd.gz"))
-    ours("export fixed gzip-1, no digests", str(out / "f.vhd.gz"), package="fixed", digests=())
-    # today's pipeline, once
-    t, _, _ = best_of(1, lambda: sh(f"tar -C {work} -czf {out}/chain.tgz {base.name} {leaf.name}"))
-    row("tar -czf of the chain (today's pipeline)", t, (out / "chain.tgz").stat().st_size)
-    # correctness of what was timed
-    sh(f"zstd -t -q {out}/b.vhd.zst && gzip -t {out}/e.vhd.gz")
 
-    def cpu_ratio(peer: str, ours_: str) -> float:
-        return rows[peer]["cpu_seconds"] / rows[ours_]["cpu_seconds"]
+    def ours(dest: str, **kw: Any) -> Callable[[], Any]:
+        return lambda: export(leaf, dest, fsync=False, **kw)
+
+    # fifos and background jobs, so that `wait` covers the hashers (and their CPU time is counted)
+    tee3 = (f"cd {out} && rm -f p1 p2 p3 && mkfifo p1 p2 p3 && "
+            f"{{ md5sum < p1 > m & sha256sum < p2 > s2 & sha512sum < p3 > s5 & }} && "
+            f"zstd -3 -T2 -q -c {alloc} | tee p1 p2 p3 > cli2.zst; wait")
+    variants: list[tuple[str, Callable[[], Any]]] = [
+        (ZSTD_CLI, lambda: sh(f"zstd -3 -T2 -q -f -o {out}/cli.zst {alloc}")),
+        (ZSTD_OURS, ours(str(out / "a.vhd.zst"), digests=())),
+        (ZSTD_CLI3, lambda: sh(tee3)),
+        (ZSTD_OURS3, ours(str(out / "b.vhd.zst"))),
+        ("export vhd zstd-3 + md5", ours(str(out / "c.vhd.zst"), digests=("md5",))),
+        (PIGZ_CLI, lambda: sh(f"pigz -1 -p 2 -c {alloc} > {out}/cli.gz")),
+        (GZIP_OURS, ours(str(out / "d.vhd.gz"), digests=())),
+        (GZIP_OURS3, ours(str(out / "e.vhd.gz"))),
+        ("export fixed gzip-1, no digests", ours(str(out / "f.vhd.gz"), package="fixed", digests=())),
+    ]
+    # Interleaved rounds: every variant once per round, so load that comes and goes on a shared machine hits
+    # all of them alike; ratios are taken within a round, then the median over rounds is reported.
+    rounds: list[dict[str, tuple[float, float, Any]]] = []
+    for r in range(repeat):
+        got: dict[str, tuple[float, float, Any]] = {}
+        for name, fn in variants:
+            t, res, _ = best_of(1, fn)
+            got[name] = (t, _LAST_CPU[0], res)
+            log(f"round {r + 1}: {name:52s} {t:8.3f} s {n_alloc / t / 1e6:8.1f} MB/s  cpu {_LAST_CPU[0]:7.3f} s")
+        rounds.append(got)
+    t_tar, _, _ = best_of(1, lambda: sh(f"tar -C {work} -czf {out}/chain.tgz {base.name} {leaf.name}"))
+    cpu_tar = _LAST_CPU[0]
+    log(f"{TAR:61s} {t_tar:8.3f} s {n_alloc / t_tar / 1e6:8.1f} MB/s  cpu {cpu_tar:7.3f} s")
+    sh(f"zstd -t -q {out}/b.vhd.zst && gzip -t {out}/e.vhd.gz")  # what was timed is sound
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name, _ in variants:
+        ts = [rd[name][0] for rd in rounds]
+        cs = [rd[name][1] for rd in rounds]
+        res = rounds[-1][name][2]
+        rows[name] = dict(seconds_median=round(statistics.median(ts), 3), seconds=[round(x, 3) for x in ts],
+                          cpu_seconds_median=round(statistics.median(cs), 3),
+                          mb_per_s=round(n_alloc / statistics.median(ts) / 1e6, 1))
+        if res is not None:
+            rows[name].update(package_bytes=res.package_size, out_bytes=res.size, ratio=round(res.ratio, 3),
+                              package_mb_per_s=round(res.package_size / statistics.median(ts) / 1e6, 1))
+    rows[TAR] = dict(seconds_median=round(t_tar, 3), cpu_seconds_median=round(cpu_tar, 3),
+                     mb_per_s=round(n_alloc / t_tar / 1e6, 1), out_bytes=(out / "chain.tgz").stat().st_size)
+
+    def speed(peer: str, mine: str) -> float:  # >1: ours is faster
+        return statistics.median(rd[peer][0] / rd[mine][0] for rd in rounds)
+
+    def cpu(peer: str, mine: str) -> float:  # >1: ours uses less CPU
+        return statistics.median(rd[peer][1] / rd[mine][1] for rd in rounds)
 
     ratios: dict[str, float] = {
-        "CPU: export zstd (no digests) / zstd CLI (efficiency, >1 = less CPU)": cpu_ratio(
-            "zstd -3 -T2 (CLI, allocated content)", "export vhd zstd-3, no digests"),
-        "CPU: export zstd + 3 digests / zstd CLI | 3 hash CLIs": cpu_ratio(
-            "zstd -3 -T2 | tee md5sum sha256sum sha512sum", "export vhd zstd-3 + md5/sha256/sha512"),
-        "CPU: export gzip (no digests) / pigz -1": cpu_ratio("pigz -1 -p2 (CLI, allocated content)",
-                                                             "export vhd gzip-1, no digests"),
-        "export zstd (no digests) speed / zstd CLI": rows["zstd -3 -T2 (CLI, allocated content)"]["seconds"]
-        / rows["export vhd zstd-3, no digests"]["seconds"],
-        "export zstd + 3 digests speed / zstd CLI | 3 hash CLIs": rows["zstd -3 -T2 | tee md5sum sha256sum sha512sum"][
-            "seconds"] / rows["export vhd zstd-3 + md5/sha256/sha512"]["seconds"],
-        "export zstd + 3 digests speed / zstd CLI alone": rows["zstd -3 -T2 (CLI, allocated content)"]["seconds"]
-        / rows["export vhd zstd-3 + md5/sha256/sha512"]["seconds"],
-        "export gzip (no digests) speed / pigz -1": rows["pigz -1 -p2 (CLI, allocated content)"]["seconds"]
-        / rows["export vhd gzip-1, no digests"]["seconds"],
-        "export gzip, no digests: package GB/s": rows["export vhd gzip-1, no digests"]["package_mb_per_s"] / 1000,
-        "export gzip + 3 digests: package GB/s": rows["export vhd gzip-1 + md5/sha256/sha512"]["package_mb_per_s"] / 1000,
-        "export zstd + 3 digests speed / tar -czf": rows["tar -czf of the chain (today's pipeline)"]["seconds"]
-        / rows["export vhd zstd-3 + md5/sha256/sha512"]["seconds"],
-        "export gzip + 3 digests speed / tar -czf": rows["tar -czf of the chain (today's pipeline)"]["seconds"]
-        / rows["export vhd gzip-1 + md5/sha256/sha512"]["seconds"],
+        "speed: export zstd (no digests) / zstd -3 -T2 CLI": speed(ZSTD_CLI, ZSTD_OURS),
+        "CPU:   export zstd (no digests) / zstd -3 -T2 CLI": cpu(ZSTD_CLI, ZSTD_OURS),
+        "speed: export zstd + md5,sha256,sha512 / zstd CLI | tee 3 hash CLIs": speed(ZSTD_CLI3, ZSTD_OURS3),
+        "CPU:   export zstd + md5,sha256,sha512 / zstd CLI | tee 3 hash CLIs": cpu(ZSTD_CLI3, ZSTD_OURS3),
+        "speed: export zstd + 3 digests / zstd CLI alone": speed(ZSTD_CLI, ZSTD_OURS3),
+        "speed: export gzip (no digests) / pigz -1 -p2": speed(PIGZ_CLI, GZIP_OURS),
+        "CPU:   export gzip (no digests) / pigz -1 -p2": cpu(PIGZ_CLI, GZIP_OURS),
+        "export gzip, no digests: GB/s of package": rows[GZIP_OURS]["package_mb_per_s"] / 1000,
+        "export gzip + 3 digests: GB/s of package": rows[GZIP_OURS3]["package_mb_per_s"] / 1000,
+        "speed: export zstd + 3 digests / tar -czf": t_tar / rows[ZSTD_OURS3]["seconds_median"],
+        "speed: export gzip + 3 digests / tar -czf": t_tar / rows[GZIP_OURS3]["seconds_median"],
     }
     if swift:
         ratios.update(_swift_rows(work, leaf, out / "b.vhd.zst", repeat, rows, log))
-    return {"gib": gib, "allocated_bytes": n_alloc, "cpus": os.cpu_count(), "rows": rows,
-            "ratios": {k: round(v, 3) for k, v in ratios.items()},
-            "compressed": {"zstd": zrep.size, "gzip": grep.size}}
+    return {"gib": gib, "allocated_bytes": n_alloc, "cpus": os.cpu_count(), "rounds": repeat, "rows": rows,
+            "ratios": {k: round(v, 3) for k, v in ratios.items()}}
+
+
+ZSTD_CLI = "zstd -3 -T2 (CLI, allocated content)"
+ZSTD_OURS = "export vhd zstd-3, no digests"
+ZSTD_CLI3 = "zstd -3 -T2 | tee md5sum sha256sum sha512sum"
+ZSTD_OURS3 = "export vhd zstd-3 + md5/sha256/sha512"
+PIGZ_CLI = "pigz -1 -p2 (CLI, allocated content)"
+GZIP_OURS = "export vhd gzip-1, no digests"
+GZIP_OURS3 = "export vhd gzip-1 + md5/sha256/sha512"
+TAR = "tar -czf of the chain (today's pipeline, once)"
 
 
 def _swift_rows(work: Path, leaf: Path, compressed: Path, repeat: int, rows: dict[str, dict[str, Any]],
@@ -275,26 +291,36 @@ def _swift_rows(work: Path, leaf: Path, compressed: Path, repeat: int, rows: dic
         def end_to_end() -> None:
             export(leaf, "swift://bench/export.vhd.zst", segment_size=seg, **creds)
 
-        out: dict[str, float] = {}
-        for name, fn in (("swift upload --use-slo (CLI, 10 threads) of the compressed file", cli),
-                         ("vhdcore Swift SLO sink of the compressed file", sink_only()),
-                         ("vhdcore Swift SLO sink, 4 threads, spools in memory", sink_only(
-                             concurrency=4, spool_memory=seg)),
-                         ("export vhd zstd-3 + 3 digests to swift:// (end to end)", end_to_end)):
-            t, _, _ = best_of(repeat, fn)
-            rows[name] = dict(seconds=round(t, 3), upload_mb_per_s=round(size / t / 1e6, 1))
-            log(f"{name:58s} {t:8.3f} s {size / t / 1e6:9.1f} MB/s of compressed bytes")
-        cli_t = rows["swift upload --use-slo (CLI, 10 threads) of the compressed file"]["seconds"]
-        out["upload speed: vhdcore sink (defaults) / swift upload"] = cli_t / rows[
-            "vhdcore Swift SLO sink of the compressed file"]["seconds"]
-        out["upload speed: vhdcore sink (4 threads, memory spools) / swift upload"] = cli_t / rows[
-            "vhdcore Swift SLO sink, 4 threads, spools in memory"]["seconds"]
-        out["export to swift end to end / swift upload of the already compressed file"] = cli_t / rows[
-            "export vhd zstd-3 + 3 digests to swift:// (end to end)"]["seconds"]
+        variants = [(SWIFT_CLI, cli), (SWIFT_OURS, sink_only()),
+                    (SWIFT_OURS4, sink_only(concurrency=4, spool_memory=seg)), (SWIFT_E2E, end_to_end)]
+        times: dict[str, list[float]] = {name: [] for name, _ in variants}
+        for r in range(repeat):
+            for name, fn in variants:
+                t, _, _ = best_of(1, fn)
+                times[name].append(t)
+                log(f"round {r + 1}: {name:52s} {t:8.3f} s {size / t / 1e6:8.1f} MB/s of compressed bytes")
+        for name, ts in times.items():
+            rows[name] = dict(seconds_median=round(statistics.median(ts), 3), seconds=[round(x, 3) for x in ts],
+                              upload_mb_per_s=round(size / statistics.median(ts) / 1e6, 1))
+
+        def speed(peer: str, mine: str) -> float:
+            return statistics.median(a / b for a, b in zip(times[peer], times[mine]))
+
+        out = {
+            "upload speed: vhdcore SLO sink (defaults) / swift upload": speed(SWIFT_CLI, SWIFT_OURS),
+            "upload speed: vhdcore SLO sink (4 threads, memory spools) / swift upload": speed(SWIFT_CLI, SWIFT_OURS4),
+            "export to swift end to end / swift upload of the already compressed file": speed(SWIFT_CLI, SWIFT_E2E),
+        }
         return out
     finally:
         procs.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+SWIFT_CLI = "swift upload --use-slo (CLI, 10 threads) of the compressed file"
+SWIFT_OURS = "vhdcore Swift SLO sink of the compressed file"
+SWIFT_OURS4 = "vhdcore Swift SLO sink, 4 threads, spools in memory"
+SWIFT_E2E = "export vhd zstd-3 + 3 digests to swift:// (end to end)"
 
 
 def main(argv: list[str] | None = None) -> None:
