@@ -327,6 +327,19 @@ def test_progress_goes_through_the_imaging_states(chain: tuple[Path, bytes], tmp
         (tmp_path / "q.vhd.gz").read_bytes()).hexdigest()
 
 
+def test_progress_bar_on_a_terminal(chain: tuple[Path, bytes], tmp_path: Path) -> None:
+    import io
+
+    from vhdcore.progress import TerminalBar
+
+    screen = io.StringIO()
+    export(chain[0], tmp_path / "bar.vhd.zst", fsync=False,
+           progress=TerminalBar("export", stream=screen, min_interval=0, force_tty=True))
+    lines = screen.getvalue().split("\r")
+    assert any("preparing" in x for x in lines) and any("saving" in x for x in lines)
+    assert "100.0%" in lines[-1] and "complete" in lines[-1]
+
+
 @pytest.mark.backend_independent
 def test_bad_arguments_are_refused_before_anything_is_written(chain: tuple[Path, bytes], tmp_path: Path) -> None:
     leaf, _ = chain
