@@ -80,7 +80,12 @@ def _fast_outside(m: F.Mutant) -> bool:
 
 def main() -> None:
     F.seeds(WORK)  # built once, before libFuzzer starts timing inputs
-    atheris.Setup(sys.argv, test_one_input)
+    argv = list(sys.argv)
+    if not any(a.startswith("-artifact_prefix=") for a in argv):
+        # libFuzzer's raw crash inputs go beside the decoded mutants, not into the current directory.
+        CRASH_DIR.mkdir(parents=True, exist_ok=True)
+        argv.append(f"-artifact_prefix={CRASH_DIR}/")
+    atheris.Setup(argv, test_one_input)
     try:
         atheris.Fuzz()
     finally:
