@@ -190,8 +190,9 @@ def plan(a: FileAnalysis, fix_checksums: bool = False) -> tuple[list[RepairActio
 
 
 def copy_needs_rewrite(a: FileAnalysis, good: bytes) -> bool:
+    # Compared on 511 bytes, as check does: a legacy footer has no 512th byte to agree with.
     copy = a.copy
-    return copy is None or copy.raw != good
+    return copy is None or not copy.checksum_ok or copy.raw[: FOOTER_SIZE - 1] != good[: FOOTER_SIZE - 1]
 
 
 def _undo_name(path: str) -> str:
