@@ -21,7 +21,6 @@ import fcntl
 import os
 import stat
 import struct
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -29,12 +28,6 @@ from typing import Sequence
 from .check import ERROR, WARNING, FileAnalysis, Finding, analyse_file, check
 from .exceptions import InvalidFormatError, LockError
 from .structs import FOOTER_SIZE, HEADER_SIZE, DiskType, checksum
-
-# Importing .check made the import system bind the *module* to vhdcore.check, hiding the function that
-# vhdcore/__init__.py exports lazily under that name; put the function back.
-_pkg = sys.modules[__package__]
-if isinstance(getattr(_pkg, "check", None), type(sys)):
-    _pkg.check = check
 
 UNDO_MAGIC = b"VHDCUNDO"
 UNDO_VERSION = 1
