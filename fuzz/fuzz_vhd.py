@@ -3,7 +3,11 @@
 
     .venv/bin/pip install atheris            # or: pip install -e ".[fuzz]"
     mkdir -p fuzz/corpus
-    .venv/bin/python fuzz/fuzz_vhd.py fuzz/corpus -max_len=128 -max_total_time=3600 -timeout=20 -rss_limit_mb=4096
+    .venv/bin/python fuzz/fuzz_vhd.py fuzz/corpus -fork=2 -max_len=128 -len_control=0 -max_total_time=3600 \
+        -timeout=20 -rss_limit_mb=4096
+
+Use -fork: under atheris' comparison instrumentation numpy temporaries stay alive (~100 MB per thousand inputs),
+so a single long-lived process grows; fork mode runs short-lived workers.
 
 Each fuzzer input is decoded by tests/hostile/fuzzing.py into a mutation plan for a seed (corpus files and a
 vhdcore-made chain); the mutant is fed to check, open, map, reads and convert. A failure (an exception that is
@@ -19,6 +23,7 @@ the corpus directory are libFuzzer's (-runs=N, -max_total_time=S, -jobs=N, ...).
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -81,6 +86,8 @@ def _fast_outside(m: F.Mutant) -> bool:
 def main() -> None:
     F.seeds(WORK)  # built once, before libFuzzer starts timing inputs
     argv = list(sys.argv)
+    # libFuzzer's -fork/-jobs modes start argv[0] through the shell: make that this interpreter and script.
+    argv[0] = f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))}"
     if not any(a.startswith("-artifact_prefix=") for a in argv):
         # libFuzzer's raw crash inputs go beside the decoded mutants, not into the current directory.
         CRASH_DIR.mkdir(parents=True, exist_ok=True)

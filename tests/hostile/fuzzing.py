@@ -468,12 +468,14 @@ def run_limited(m: Mutant, scratch: Path, time_limit: float = TIME_LIMIT, memory
     if not tracemalloc.is_tracing():
         tracemalloc.start()
     tracemalloc.reset_peak()
+    # What the input itself allocates: the peak above what was already alive (seeds, caches, earlier inputs).
+    baseline = tracemalloc.get_traced_memory()[0]
     t0 = time.perf_counter()
     try:
         outcome = run_targets(m, scratch)
     finally:
         elapsed = time.perf_counter() - t0
-        peak = tracemalloc.get_traced_memory()[1]
+        peak = tracemalloc.get_traced_memory()[1] - baseline
         if not tracing:
             tracemalloc.stop()
     outcome["seconds"] = round(elapsed, 3)
