@@ -1,4 +1,4 @@
-"""Small numpy helpers for LSB-first file-system bitmaps that the kernels do not cover.
+"""Small helpers for LSB-first file-system bitmaps (range edits go through the kernels).
 
 Each costs what its range costs (not the whole bitmap), which matters when a parser marks thousands of small
 metadata ranges in a bitmap of millions of bits.
@@ -7,22 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _kernels as K
 
-def set_range(bitmap: np.ndarray, start: int, stop: int) -> None:
-    """Set bits [start, stop) of an LSB-first uint8 bitmap, in place (stop is clipped to the bitmap)."""
+
+def set_range(bitmap: np.ndarray, start: int, stop: int, value: bool = True) -> None:
+    """Set (or clear) bits [start, stop) of an LSB-first uint8 bitmap in place; stop is clipped to the bitmap."""
     stop = min(stop, len(bitmap) * 8)
-    if start >= stop:
-        return
-    b0, b1 = start >> 3, stop >> 3
-    lo_mask = (0xFF << (start & 7)) & 0xFF
-    hi_mask = (1 << (stop & 7)) - 1
-    if b0 == b1:
-        bitmap[b0] |= lo_mask & hi_mask
-        return
-    bitmap[b0] |= lo_mask
-    bitmap[b0 + 1 : b1] = 0xFF
-    if hi_mask:
-        bitmap[b1] |= hi_mask
+    if start < stop:
+        K.bitmap_set_range(bitmap, start, stop, value, msb_first=False)
 
 
 def shift_up(bitmap: np.ndarray, nbits: int) -> np.ndarray:

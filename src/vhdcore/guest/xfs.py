@@ -31,19 +31,8 @@ def is_xfs(region: Region) -> bool:
 
 
 def _clear_range(bitmap: np.ndarray, start: int, stop: int) -> None:
-    """Clear bits [start, stop) of an LSB-first bitmap (set_range's mirror)."""
-    if start >= stop:
-        return
-    b0, b1 = start >> 3, stop >> 3
-    lo_mask = (0xFF << (start & 7)) & 0xFF
-    hi_mask = (1 << (stop & 7)) - 1
-    if b0 == b1:
-        bitmap[b0] &= ~(lo_mask & hi_mask) & 0xFF
-        return
-    bitmap[b0] &= ~lo_mask & 0xFF
-    bitmap[b0 + 1 : b1] = 0
-    if hi_mask:
-        bitmap[b1] &= ~hi_mask & 0xFF
+    """Clear bits [start, stop) of an LSB-first bitmap."""
+    set_range(bitmap, start, stop, value=False)
 
 
 def read_xfs(region: Region, partition_index: int | None = None) -> FileSystemUsage:
