@@ -17,5 +17,12 @@ test: setup
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-columns=min,median,mean,ops --benchmark-sort=name
 
+# Long coverage-guided fuzzing run (atheris; fork mode: atheris keeps numpy temporaries alive). See fuzz/README.md.
+fuzz: setup
+	.venv/bin/pip install -q -e ".[fuzz]"
+	mkdir -p fuzz/corpus
+	.venv/bin/python fuzz/fuzz_vhd.py fuzz/corpus -fork=2 -max_len=128 -len_control=0 \
+		-max_total_time=$${FUZZ_SECONDS:-3600} -timeout=20 -rss_limit_mb=4096
+
 clean:
 	rm -rf build .venv src/vhdcore/*.so src/vhdcore/_coalesce.c
