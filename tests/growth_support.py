@@ -301,6 +301,28 @@ class GuestChain:
 # ------------------------------------------------------------------------------------------------ tool oracles
 
 
+def ext4_needing_recovery(tmp_path: Path, size: int, seed: int, file_size: int) -> tuple[Path, Path]:
+    """An ext4 (one file deleted) flagged as needing journal recovery, inside a dynamic VHD: (raw image, vhd).
+
+    Its free map may be stale, so growth and compact must not trust it.
+    """
+    ensure_tools()
+    img = tmp_path / "fs.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}").write_bytes(content(seed + i, file_size))
+    run("mke2fs", "-q", "-F", "-t", "ext4", "-d", src, img)
+    run("debugfs", "-w", "-R", "rm /f1", img)
+    run("debugfs", "-w", "-R", "feature needs_recovery", img)
+    vhd = tmp_path / "d.vhd"
+    with vhdcore.create(vhd, size) as d:
+        d.write(0, img.read_bytes())
+    return img, vhd
+
+
 def tool_used_bytes(kind: str, image: Path, size: int) -> int:
     """Bytes in use per the file system's own tool (whole file-system image of ``size`` bytes)."""
     if kind.startswith("ext"):

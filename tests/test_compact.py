@@ -194,20 +194,7 @@ def test_refusals(mbr_chain, tmp_path) -> None:
 def test_journal_needing_recovery_keeps_everything(tmp_path) -> None:
     """Free space of a file system whose journal needs replaying is not dropped or zeroed: the result reads the
     same as the source."""
-    gs.ensure_tools()
-    img = tmp_path / "fs.img"
-    with open(img, "wb") as f:
-        f.truncate(40 * MiB)
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(4):
-        (src / f"f{i}").write_bytes(gs.content(810 + i, 4_000_000))
-    gs.run("mke2fs", "-q", "-F", "-t", "ext4", "-d", src, img)
-    gs.run("debugfs", "-w", "-R", "rm /f1", img)
-    gs.run("debugfs", "-w", "-R", "feature needs_recovery", img)
-    vhd = tmp_path / "d.vhd"
-    with vhdcore.create(vhd, 40 * MiB) as d:
-        d.write(0, img.read_bytes())
+    img, vhd = gs.ext4_needing_recovery(tmp_path, 40 * MiB, 810, 4_000_000)
     out = tmp_path / "out.vhd"
     rep = vhdcore.compact(vhd, out, mode="full")
     assert rep.blocks_dropped["free"] == 0 and rep.free_bytes_zeroed == 0

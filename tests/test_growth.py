@@ -286,20 +286,7 @@ def test_vhd_over_the_limit_while_the_file_system_is_under(tmp_path) -> None:
 
 def test_journal_needing_recovery_is_not_trusted(tmp_path) -> None:
     """An ext4 whose journal needs replaying: its free map may be stale, so compaction must not drop its blocks."""
-    gs.ensure_tools()
-    img = tmp_path / "fs.img"
-    with open(img, "wb") as f:
-        f.truncate(48 * MiB)
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(4):
-        (src / f"f{i}").write_bytes(gs.content(800 + i, 3_000_000))
-    gs.run("mke2fs", "-q", "-F", "-t", "ext4", "-d", src, img)
-    gs.run("debugfs", "-w", "-R", "rm /f1", img)
-    gs.run("debugfs", "-w", "-R", "feature needs_recovery", img)
-    vhd = tmp_path / "d.vhd"
-    with vhdcore.create(vhd, 48 * MiB) as d:
-        d.write(0, img.read_bytes())
+    img, vhd = gs.ext4_needing_recovery(tmp_path, 48 * MiB, 800, 3_000_000)
     rep = vhdcore.growth(vhd)
     [fs] = rep.filesystems
     assert not fs.trusted and fs.free_allocated_nonzero_bytes >= 2 * MiB  # still reported: the forensic view
