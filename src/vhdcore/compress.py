@@ -36,7 +36,7 @@ compressed; ``write`` waits for the oldest one when the bound is reached.
 """
 from __future__ import annotations
 
-import collections
+import queue
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,6 +67,8 @@ _DEFLATE_WINDOW = 32 * KiB
 _FINAL_EMPTY_BLOCK = b"\x03\x00"
 # Long-distance matching window: 2**27 = 128 MiB is zstd's default decoder limit.
 _ZSTD_LONG_WINDOW_LOG = 27
+# Tells the emitter thread that no more chunks come.
+_END = object()
 
 Output = Union[Callable[[bytes], Any], Any]
 
@@ -155,7 +157,13 @@ def _deflate_chunk(level: int, data: bytes, zdict: bytes | None) -> tuple[bytes,
 
 
 class _ChunkPipeline(Compressor):
-    """Cuts the input into fixed chunks, compresses them on a bounded thread pool, emits results in order."""
+    """Cuts the input into fixed chunks, compresses them on a bounded thread pool, emits results in order.
+
+    The caller's thread only cuts and submits; an emitter thread of our own waits for each chunk in turn and
+    hands its output on (digests, sink). Emitting in the caller's thread made it a serial stage that alternated
+    between reading input and writing output while the workers ran dry: on 2 cores export ran at ~78 % of the
+    CPU it used. Errors raised by the output are re-raised in the caller's thread at its next call.
+    """
 
     def __init__(self, output: Output, threads: int, chunk_size: int, max_inflight: int | None) -> None:
         super().__init__(output)
@@ -165,12 +173,18 @@ class _ChunkPipeline(Compressor):
             raise ValueError(f"chunk_size must be between 64 KiB and 64 MiB, not {chunk_size}")
         self.threads = threads
         self.chunk_size = chunk_size
-        self.max_inflight = max_inflight if max_inflight is not None else 2 * threads
+        self.max_inflight = max_inflight if max_inflight is not None else 4 * threads
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, not {self.max_inflight}")
         self._pending = bytearray()
-        self._inflight: collections.deque[tuple[Future[Any], int]] = collections.deque()
+        # One slot per chunk submitted and not yet emitted: write() waits for a slot, which bounds memory.
+        self._slots = threading.Semaphore(self.max_inflight)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"vhdcore-{self.name}")
+        self._emitter = threading.Thread(target=self._emit_loop, name=f"vhdcore-{self.name}-emit", daemon=True)
+        self._emitter.start()
 
     # -- subclass hooks
     def _submit(self, chunk: bytes) -> Future[Any]:  # pragma: no cover - abstract
@@ -183,18 +197,35 @@ class _ChunkPipeline(Compressor):
         raise NotImplementedError
 
     # -- pipeline
-    def _drain(self, keep: int) -> None:
-        """Emit finished chunks in order until at most ``keep`` remain in flight (waiting as needed)."""
-        while self._inflight and (len(self._inflight) > keep or self._inflight[0][0].done()):
-            fut, length = self._inflight.popleft()
-            self._emit(self._collect(fut.result(), length))
+    def _emit_loop(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is _END:
+                return
+            fut, length = item
+            try:
+                if self._error is not None or self._stopping.is_set():
+                    fut.cancel()
+                else:
+                    self._emit(self._collect(fut.result(), length))
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._slots.release()
+
+    def _raise_pending_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def _dispatch(self, chunk: bytes) -> None:
-        self._inflight.append((self._submit(chunk), len(chunk)))
-        self._drain(self.max_inflight - 1)
+        self._raise_pending_error()
+        self._slots.acquire()
+        self._queue.put((self._submit(chunk), len(chunk)))
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._check_open()
+        self._raise_pending_error()
         mv = memoryview(data).cast("B")
         n = mv.nbytes
         if not n:
@@ -224,7 +255,9 @@ class _ChunkPipeline(Compressor):
                 chunk = bytes(self._pending)
                 self._pending.clear()
                 self._dispatch(chunk)
-            self._drain(0)
+            self._queue.put(_END)
+            self._emitter.join()
+            self._raise_pending_error()
             self._emit(self._finish())
         except BaseException:
             self.abort()
@@ -234,10 +267,12 @@ class _ChunkPipeline(Compressor):
 
     def abort(self) -> None:
         self.closed = True
-        for fut, _ in self._inflight:
-            fut.cancel()
-        self._inflight.clear()
+        self._stopping.set()
         self._pending.clear()
+        # The emitter cancels whatever is still queued once it sees _stopping, then meets the end marker.
+        if self._emitter.is_alive():
+            self._queue.put(_END)
+            self._emitter.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

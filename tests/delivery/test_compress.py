@@ -6,6 +6,7 @@ import io
 import subprocess
 import tarfile
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -89,11 +90,15 @@ def test_gzip_output_does_not_depend_on_threads_or_write_sizes(disk_bytes: bytes
 
 def test_gzip_compresses_on_two_threads_with_bounded_work(disk_bytes: bytes) -> None:
     seen_threads: set[str] = set()
-    max_inflight = 0
+    emit_threads: set[str] = set()
+    lock = threading.Lock()
+    counts = {"submitted": 0, "emitted": -1, "most": 0}  # -1: the gzip header is emitted before any chunk
     buf = io.BytesIO()
-    comp = GzipCompressor(buf, threads=2, chunk_size=64 * KiB, max_inflight=3)
 
     def out(data: bytes) -> None:
+        with lock:
+            counts["emitted"] += 1
+        emit_threads.add(threading.current_thread().name)
         buf.write(data)
 
     import vhdcore.compress as mod
@@ -102,19 +107,49 @@ def test_gzip_compresses_on_two_threads_with_bounded_work(disk_bytes: bytes) -> 
 
     def spy(*a):
         seen_threads.add(threading.current_thread().name)
+        time.sleep(0.002)  # slow workers, so that the writer runs ahead and meets the bound
         return real(*a)
 
     mod._deflate_chunk = spy
+    comp = GzipCompressor(out, threads=2, chunk_size=64 * KiB, max_inflight=3)
+    real_submit = comp._submit
+
+    def submit(chunk: bytes):
+        with lock:
+            counts["submitted"] += 1
+            counts["most"] = max(counts["most"], counts["submitted"] - max(counts["emitted"], 0))
+        return real_submit(chunk)
+
+    comp._submit = submit  # type: ignore[method-assign]
     try:
         for i in range(0, len(disk_bytes), 100_000):
             comp.write(disk_bytes[i : i + 100_000])
-            max_inflight = max(max_inflight, len(comp._inflight))
         comp.close()
     finally:
         mod._deflate_chunk = real
     assert len(seen_threads) == 2 and all(t.startswith("vhdcore-gzip") for t in seen_threads)
-    assert max_inflight <= 3
+    # chunks go out from the emitter thread, the trailer from close()'s caller
+    assert {t for t in emit_threads if t.startswith("vhdcore-gzip")} == {"vhdcore-gzip-emit"}
+    assert counts["most"] == 3  # the writer ran ahead as far as allowed, and no further
     assert gzip.decompress(buf.getvalue()) == disk_bytes
+
+
+def test_gzip_output_error_reaches_the_writer_and_stops_the_threads(disk_bytes: bytes) -> None:
+    calls = {"n": 0}
+
+    def out(data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(28, "No space left on device")
+
+    comp = GzipCompressor(out, threads=2, chunk_size=64 * KiB, max_inflight=2)
+    with pytest.raises(OSError, match="No space left"):
+        for i in range(0, len(disk_bytes), 64 * KiB):
+            comp.write(disk_bytes[i : i + 64 * KiB])
+        comp.close()
+    comp.abort()
+    assert not comp._emitter.is_alive()
+    assert calls["n"] == 4  # nothing was emitted after the failure
 
 
 def test_tar_reads_a_gzip_stream_we_made(tmp_path: Path, disk_bytes: bytes) -> None:
