@@ -125,10 +125,14 @@ def test_compressed_pipeline_with_digests(swift_server: SwiftServer, disk_bytes:
     assert result.size == len(body) == digests.size
 
 
-def test_dropped_connection_is_retried(swift_server: SwiftServer, fault_proxy: FaultProxy, disk_bytes: bytes) -> None:
+@pytest.mark.parametrize("spool_memory", [64 * MiB, 200_000], ids=["in-memory", "spilled-to-disk"])
+def test_dropped_connection_is_retried(swift_server: SwiftServer, fault_proxy: FaultProxy, disk_bytes: bytes,
+                                       spool_memory: int) -> None:
+    # With 200 000 bytes of memory, each 1 MiB segment is partly in memory, partly in its temporary file:
+    # the retried PUT re-reads both.
     data = disk_bytes[: 3 * MiB + 1000]
     fault_proxy.drop_puts = 1
-    sink, result = upload("swift://images/retry-drop.raw", data, segment_size=1 * MiB,
+    sink, result = upload("swift://images/retry-drop.raw", data, segment_size=1 * MiB, spool_memory=spool_memory,
                           **creds(swift_server, fault_proxy.auth_url), **FAST)
     assert [e[0] for e in fault_proxy.events] == ["drop"]
     assert len(result.retries) == 1

@@ -1,8 +1,9 @@
 """The machinery Swift SLO and S3 multipart uploads share: spooled segments, bounded parallel PUTs, retries.
 
-The stream is cut into segments as it arrives. Each segment is spooled to a
-:class:`tempfile.SpooledTemporaryFile` (in memory up to ``spool_memory``, then on local disk), so a failed
-PUT can be sent again without holding gigabytes in RAM or asking the producer to go back. A sealed segment
+The stream is cut into segments as it arrives. Each segment is spooled (:class:`Spool`: the first
+``spool_memory`` bytes kept in memory as the very ``bytes`` objects the compressor produced, no copy; the
+rest in an unnamed temporary file on local disk), so a failed PUT can be sent again without holding
+gigabytes in RAM or asking the producer to go back. A sealed segment
 is handed to a pool of ``concurrency`` upload threads; the writer blocks once ``concurrency`` segments wait
 or travel, so at most ``concurrency + 1`` spools exist at a time.
 
@@ -14,6 +15,7 @@ that may have reached the store is deleted.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import tempfile
@@ -25,7 +27,7 @@ from typing import IO, Any, Callable, TypeVar
 from ..progress import ProgressCallback, as_progress
 from . import Sink, UploadError, UploadResult
 
-__all__ = ["SegmentedSink", "Segment", "EtagMismatch"]
+__all__ = ["SegmentedSink", "Segment", "Spool", "EtagMismatch"]
 
 log = logging.getLogger("vhdcore.upload")
 
@@ -34,6 +36,7 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 _READ_PIECE = 1 * MiB
+_REPORT_EVERY = 1 * MiB
 T = TypeVar("T")
 
 
@@ -50,12 +53,103 @@ class _Aborted(Exception):
     """Internal: the sink is being aborted; stop retrying."""
 
 
+class Spool:
+    """A segment's bytes, written once, then read as often as PUT attempts need.
+
+    Pieces given as ``bytes`` are kept by reference (compressors hand over immutable ``bytes``; copying them
+    into a BytesIO, then again into a rolled-over file, cost more CPU than the upload itself); other buffers
+    are copied. Once ``memory`` bytes are held, further pieces go to an unnamed temporary file in ``dir``.
+    """
+
+    def __init__(self, memory: int, dir: str | None = None) -> None:
+        self._memory = memory
+        self._dir = dir
+        self._pieces: list[bytes] = []
+        self._starts: list[int] = []  # stream offset of each piece
+        self._mem = 0  # bytes held in memory: the stream's [0, _mem)
+        self._file: IO[bytes] | None = None  # the stream's [_mem, size)
+        self.size = 0
+        self._pos = 0
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = memoryview(data).nbytes
+        if not n:
+            return 0
+        if self._file is None and self._mem + n <= self._memory:
+            self._starts.append(self._mem)
+            self._pieces.append(data if type(data) is bytes else bytes(data))
+            self._mem += n
+        else:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self._dir, prefix="vhdcore-seg-")
+            self._file.write(data)
+        self.size += n
+        return n
+
+    def md5(self) -> str:
+        h = hashlib.md5()
+        for piece in self._pieces:
+            h.update(piece)
+        if self._file is not None:
+            self._file.seek(0)
+            while True:
+                piece = self._file.read(_READ_PIECE)
+                if not piece:
+                    break
+                h.update(piece)
+        return h.hexdigest()
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self._pos
+        if n is None or n < 0 or n > left:
+            n = left
+        parts: list[bytes] = []
+        while n > 0:
+            if self._pos < self._mem:
+                i = bisect.bisect_right(self._starts, self._pos) - 1
+                piece = self._pieces[i]
+                off = self._pos - self._starts[i]
+                k = min(n, len(piece) - off)
+                parts.append(piece if off == 0 and k == len(piece) else piece[off : off + k])
+            else:
+                assert self._file is not None
+                self._file.seek(self._pos - self._mem)
+                got = self._file.read(n)
+                if not got:  # pragma: no cover - our own temporary file cannot shrink
+                    raise OSError(f"segment spool ended early at {self._pos} of {self.size} bytes")
+                parts.append(got)
+                k = len(got)
+            self._pos += k
+            n -= k
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 1:
+            offset += self._pos
+        elif whence == 2:
+            offset += self.size
+        self._pos = max(0, min(offset, self.size))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self.closed = True
+        self._pieces = []
+        self._starts = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class Segment:
     """One piece of the stream: ``index`` (0-based), ``offset`` in the stream, ``size``, spool and md5."""
 
     __slots__ = ("index", "offset", "size", "spool", "md5", "etag", "name", "attempted", "extra")
 
-    def __init__(self, index: int, offset: int, spool: IO[bytes] | None, size: int) -> None:
+    def __init__(self, index: int, offset: int, spool: Spool | None, size: int) -> None:
         self.index = index
         self.offset = offset
         self.size = size
@@ -68,14 +162,7 @@ class Segment:
 
     def compute_md5(self) -> str:
         assert self.spool is not None
-        h = hashlib.md5()
-        self.spool.seek(0)
-        while True:
-            piece = self.spool.read(_READ_PIECE)
-            if not piece:
-                break
-            h.update(piece)
-        self.md5 = h.hexdigest()
+        self.md5 = self.spool.md5()
         return self.md5
 
     def release(self) -> None:
@@ -85,9 +172,13 @@ class Segment:
 
 
 class CountingReader:
-    """A read-only view of a spool that reports bytes read (once per position, so rewinds don't recount)."""
+    """A read-only view of a spool that reports bytes read (once per position, so rewinds don't recount).
 
-    def __init__(self, spool: IO[bytes], size: int, on_read: Callable[[int], None]) -> None:
+    HTTP clients read request bodies in 16 KiB blocks; reporting is batched to ``_REPORT_EVERY`` bytes so
+    that progress bookkeeping does not cost more than the bytes it counts.
+    """
+
+    def __init__(self, spool: Spool, size: int, on_read: Callable[[int], None]) -> None:
         self._f = spool
         self._size = size
         self._on_read = on_read
@@ -101,7 +192,7 @@ class CountingReader:
             n = left
         data = self._f.read(n) if n else b""
         self._pos += len(data)
-        if self._pos > self.reported:
+        if self._pos - self.reported >= _REPORT_EVERY or (self._pos == self._size and self._pos > self.reported):
             self._on_read(self._pos - self.reported)
             self.reported = self._pos
         return data
@@ -180,7 +271,7 @@ class SegmentedSink(Sink):
         self.result: UploadResult | None = None
         self.retries: list[tuple[int, int, str]] = []
         self.segments: list[Segment] = []
-        self._spool: IO[bytes] | None = None
+        self._spool: Spool | None = None
         self._spool_len = 0
         self._begun = False
         self._closing = False
@@ -237,12 +328,11 @@ class SegmentedSink(Sink):
         pos = 0
         while pos < n:
             if self._spool is None:
-                self._spool = tempfile.SpooledTemporaryFile(
-                    max_size=min(self.spool_memory, self.segment_size), dir=self.spool_dir, prefix="vhdcore-seg-"
-                )
+                self._spool = Spool(min(self.spool_memory, self.segment_size), self.spool_dir)
                 self._spool_len = 0
             take = min(self.segment_size - self._spool_len, n - pos)
-            self._spool.write(mv[pos : pos + take])
+            # A whole bytes object is kept as it is (no copy); a part of one is copied by the spool.
+            self._spool.write(data if take == n and isinstance(data, bytes) else mv[pos : pos + take])
             self._spool_len += take
             pos += take
             if self._spool_len == self.segment_size:
@@ -426,7 +516,7 @@ class SegmentedSink(Sink):
     def _close_single(self) -> str:
         spool = self._spool
         if spool is None:
-            spool = tempfile.SpooledTemporaryFile(max_size=1, dir=self.spool_dir)
+            spool = Spool(0, self.spool_dir)
         seg = Segment(-1, 0, spool, self._spool_len)
         self._spool = None
         seg.compute_md5()
