@@ -248,3 +248,22 @@ def test_repairable_flag_matches_what_repair_does(tmp_path) -> None:
         left = {(f.code, f.path) for f in after.remaining}
         if t.repairs_to_clean:
             assert fixable and not (fixable & left), (c.name, fixable, left)
+
+
+def test_a_path_swapped_after_its_check_is_refused(tmp_path, monkeypatch) -> None:
+    # The race: a candidate is checked by path, then opened by path; someone renames a directory in between
+    # so that the open lands outside. Simulated by blinding the check (realpath stops resolving symlinks):
+    # what the descriptor really opened must still be refused.
+    from hostile.cases import _escape, _u16
+
+    t = _escape(tmp_path, [(b"W2ru", _u16(".\\parent.vhd"))])
+    os.symlink(tmp_path / "outside" / "parent.vhd", tmp_path / "child" / "parent.vhd")
+    monkeypatch.setattr(os.path, "realpath", os.path.abspath)
+    with pytest.raises(ParentNotFoundError) as ei:
+        vhdcore.open(t.path).close()
+    assert any("the path changed while it was checked; refused" in entry for entry in ei.value.tried), ei.value.tried
+    # and a resolver that hands over such a path (as --force parent-id's handler could) is refused on open
+    from vhdcore.chain import open_layers
+
+    with pytest.raises(ParentNotFoundError, match="outside the allowed directories"):
+        open_layers(t.path, resolver=lambda child, allowed: str(tmp_path / "child" / "parent.vhd"))

@@ -65,6 +65,29 @@ def _within(path: str, dirs: Iterable[str]) -> bool:
     return False
 
 
+def _opened_outside(img: Image, allowed_dirs: Sequence[str]) -> str | None:
+    """The real path of the file ``img`` has open if it lies outside ``allowed_dirs``, else None.
+
+    Candidates are checked by path and then opened by path; someone renaming a directory inside an allowed
+    directory in between could slip a symlink to any file under us. The descriptor's own path (Linux
+    /proc/self/fd) tells what was really opened, so the check holds whatever happened to the path.
+    Where /proc is missing, the identity of the descriptor is compared with what the path names now.
+    """
+    try:
+        real = os.readlink(f"/proc/self/fd/{img.fd}")
+    except OSError:
+        try:
+            st, now = os.fstat(img.fd), os.stat(os.path.realpath(img.path))
+        except OSError:
+            return img.path
+        same = (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+        real = os.path.realpath(img.path)
+        return None if same and _within(real, allowed_dirs) else real
+    if real.endswith(" (deleted)"):
+        real = real[: -len(" (deleted)")]
+    return None if _within(real, allowed_dirs) else real
+
+
 def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
     """Find the parent file of ``child`` inside ``allowed_dirs`` (real paths) and check its unique id.
 
@@ -110,9 +133,14 @@ def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
                                           field="parent locator", value=raw)
                 try:
                     with Image(real, "r", strict=False) as cand_img:
+                        escaped = _opened_outside(cand_img, allowed_dirs)
                         uid = cand_img.unique_id
                 except VHDError as e:
                     tried.append(f"{source} {raw!r} -> {real} (not a usable VHD: {e.message})")
+                    continue
+                if escaped is not None:
+                    tried.append(f"{source} {raw!r} -> {real} (opened {escaped}, outside the allowed directories: "
+                                 "the path changed while it was checked; refused)")
                     continue
                 if uid == expected:
                     return real
@@ -352,6 +380,14 @@ def open_layers(
                 ppath = on_mismatch(img, allowed, e)
                 accept_other_id = True
             parent = Image(ppath, "r", strict=strict)
+            escaped = _opened_outside(parent, allowed)
+            if escaped is not None:
+                parent.close()
+                raise ParentNotFoundError(
+                    f"parent {ppath} turned out to be {escaped}, outside the allowed directories (the path "
+                    "changed after it was checked); refused", tried=[f"{ppath} -> {escaped}"], path=img.path,
+                    offset=img.footer.data_offset + 64, field="header.parent_unicode_name",
+                    value=img.header.parent_unicode_name)
             if _identity(parent) in seen:
                 parent.close()
                 raise ChainCycleError("the chain loops back on itself", path=img.path, field="parent",
