@@ -230,3 +230,49 @@ def test_public_names_stay_functions() -> None:
     code = ("import vhdcore; vhdcore.repair; import vhdcore.repair as r; "
             "assert callable(vhdcore.check) and callable(vhdcore.repair), (vhdcore.check, vhdcore.repair)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------------- blktap batmap
+
+
+def _tap_file(tmp_path, version: int = 0x00010002, map0: int = 0x80):
+    """vhd-util's layout (see test_image.build_tap_file) with the batmap's version and first byte chosen."""
+    from test_image import build_tap_file
+
+    p = tmp_path / "tap.vhd"
+    bm_hdr, bm_end, batmap = build_tap_file(p)
+    buf = bytearray(p.read_bytes())
+    m = bytearray(batmap)
+    m[0] = map0
+    buf[bm_end - len(m) : bm_end] = m
+    signed = sum(b - 256 if b > 127 else b for b in m) if version == 0x00010001 else sum(m)
+    struct.pack_into(">II", buf, bm_hdr + 20, version, ~signed & 0xFFFFFFFF)
+    p.write_bytes(buf)
+    return p, bm_hdr, bm_end - len(m)
+
+
+@pytest.mark.parametrize("version", [0x00010001, 0x00010002], ids=["v1.1-signed-sum", "v1.2"])
+def test_batmap_checksum_as_libvhd_computes_it(tmp_path, version: int) -> None:
+    # 0x80 sums to 128 unsigned but -128 as libvhd 1.1's signed char: the two versions disagree on it.
+    p, _, _ = _tap_file(tmp_path, version=version, map0=0x80)
+    rep = check(p)
+    assert rep.clean, [str(f) for f in rep.findings]
+
+
+def test_damaged_batmap_is_reported_not_fatal(tmp_path) -> None:
+    p, hdr, map_off = _tap_file(tmp_path)
+    buf = bytearray(p.read_bytes())
+    buf[map_off + 1] ^= 0x40  # a bit flips inside the map
+    p.write_bytes(buf)
+    rep = check(p)
+    found = [f for f in rep.findings if f.code == "BATMAP_CHECKSUM"]
+    assert len(found) == 1 and found[0].severity == WARNING
+    assert found[0].offset == hdr + 24 and found[0].field == "batmap.checksum"
+    with vhdcore.open(p) as d:  # reads never depend on the batmap
+        assert d.read(0, 4) == b"TTTT"
+
+
+def test_batmap_from_the_future_is_reported(tmp_path) -> None:
+    p, hdr, _ = _tap_file(tmp_path, version=0x00020000)
+    codes = {f.code for f in check(p).findings}
+    assert "BATMAP_VERSION" in codes and "BATMAP_CHECKSUM" not in codes

@@ -127,6 +127,9 @@ CODES: dict[str, tuple[str, str]] = {
                                          "every block after all the metadata; vhdcore refuses this layout."),
     "BAT_ENTRY_OVERLAP": (ERROR, "Two BAT entries point at blocks that overlap: writing one changes the other."),
     "BATMAP_OUTSIDE_FILE": (WARNING, "The blktap batmap after the BAT does not fit in the file."),
+    "BATMAP_VERSION": (WARNING, "The blktap batmap has a version newer than 1.2; blktap refuses to use it."),
+    "BATMAP_CHECKSUM": (WARNING, "The blktap batmap's checksum does not match its contents: blktap ignores a "
+                                "damaged batmap (vhdcore never uses it for reads); vhd-util check reports it."),
     "HEADER_PARENT_ID": (ERROR, "A differencing disk must record its parent's unique id; it is all zeros."),
     "HEADER_PARENT_TIMESTAMP_FUTURE": (WARNING, "The recorded parent time stamp lies in the future."),
     "HEADER_PARENT_NAME": (WARNING, "The parent's unicode name is empty or not valid UTF-16."),
@@ -692,6 +695,7 @@ def _check_dynamic(f: _File, a: FileAnalysis, c: _Collector, future: int) -> Non
                       f"batmap at {bm.batmap_offset} of {bm.batmap_size} sectors")
             if bm.end <= fsize:
                 a.metadata.append(("batmap", bm.batmap_offset, bm.end))
+                _check_batmap(f, c, bm, bat_end)
 
     a.header_fields_ok = fields_ok
     a.block_size = block_size if block_ok else 0
@@ -699,6 +703,32 @@ def _check_dynamic(f: _File, a: FileAnalysis, c: _Collector, future: int) -> Non
     if block_ok and mte_ok and table_ok:
         _check_bat(f, a, c, table_off, mte, block_size)
     _finish_footer_position(f, a, c)
+
+
+# libvhd's batmap versions: 1.1 summed the map's bytes as signed chars, 1.2 (current) as unsigned ones.
+_BATMAP_V1_1 = 0x00010001
+_BATMAP_NEWEST = 0x00010002
+_BATMAP_READ = 1024 * 1024
+
+
+def _check_batmap(f: _File, c: _Collector, bm: BatmapHeader, hdr_off: int) -> None:
+    """The batmap's version and its checksum: the one's complement of the byte sum of its map sectors."""
+    if bm.batmap_version > _BATMAP_NEWEST:
+        c.add("BATMAP_VERSION", hdr_off + 20, "batmap.batmap_version", f"0x{bm.batmap_version:08x}")
+        return
+    signed = bm.batmap_version == _BATMAP_V1_1
+    total = 0
+    pos, end = bm.batmap_offset, bm.end  # inside the file: the caller checked
+    while pos < end:
+        piece = f.read(pos, min(_BATMAP_READ, end - pos))
+        if not piece:
+            break
+        total += int(np.frombuffer(piece, dtype=np.int8 if signed else np.uint8).sum(dtype=np.int64))
+        pos += len(piece)
+    want = ~total & 0xFFFFFFFF
+    if want != bm.checksum:
+        c.add("BATMAP_CHECKSUM", hdr_off + 24, "batmap.checksum",
+              f"recorded 0x{bm.checksum:08x}, the map sums to 0x{want:08x}")
 
 
 def _check_locators(f: _File, a: FileAnalysis, c: _Collector, header: DynamicHeader, hoff: int) -> None:
