@@ -25,6 +25,7 @@ pytestmark = pytest.mark.backend_independent
 
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 FAST = dict(backoff=0.01, max_backoff=0.05)  # keep retries quick in tests
 
 
@@ -234,6 +235,27 @@ def test_too_many_segments_is_refused(swift_server: SwiftServer) -> None:
         sink.write(b"\0" * (4 * 64 * KiB))
     assert ei.value.field == "segment_size"
     assert segments_under(swift_server.connection(), "images_segments", sink.prefix + "/") == []
+
+
+def test_segments_grow_to_fit_a_known_size_before_anything_is_sent(swift_server: SwiftServer,
+                                                                   disk_bytes: bytes) -> None:
+    # 1000 segments of the 1 GiB default hold 1 TB: a bigger image used to fail at segment 1001, after the
+    # first terabyte had gone up. Told the size up front, the sink grows its segments instead.
+    from vhdcore.upload import deliver
+
+    data = disk_bytes[: 5 * MiB + 3]
+    result = deliver(iter([data]), "swift://images/grown.raw", compression="none", digests=(),
+                     input_size=len(data), segment_size=64 * KiB, max_segments=3, **creds(swift_server))
+    assert [s["size_bytes"] for s in result.upload.segments] == [2 * MiB, 2 * MiB, MiB + 3]
+    assert "segment size raised from 65536 to 2097152" in result.upload.extra["warnings"][0]
+    assert swift_server.connection().get_object("images", "grown.raw")[1] == data
+
+
+def test_a_size_no_segmentation_can_hold_is_refused_up_front(swift_server: SwiftServer) -> None:
+    with pytest.raises(UploadError, match="needs more than 2 segments") as ei:
+        open_sink("swift://images/too-big.raw", segment_size=GiB, max_segments=2, expected_size=11 * GiB,
+                  **creds(swift_server))
+    assert ei.value.field == "segment_size"
 
 
 def test_replacing_an_slo_deletes_its_old_segments(swift_server: SwiftServer, disk_bytes: bytes) -> None:

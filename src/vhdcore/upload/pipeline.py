@@ -105,6 +105,11 @@ def deliver(
 
     if sink_progress is not None:
         sink_options["progress"] = sink_progress
+    if remote and input_size is not None:
+        # The most the compressor can emit for input_size bytes (zstd's and deflate's bounds are far below
+        # 1/128 extra): lets a segmented sink size its segments before the first one goes up.
+        sink_options.setdefault("expected_size", input_size if compression in ("none", "raw", None)
+                                else input_size + input_size // 128 + MiB)
     sink = open_sink(dest, **sink_options)
     hasher = StreamDigests(digests) if digests else None
     comp = None

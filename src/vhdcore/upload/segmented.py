@@ -241,6 +241,7 @@ class SegmentedSink(Sink):
         spool_dir: str | None = None,
         single_put_below: int | None = None,
         max_segments: int | None = None,
+        expected_size: int | None = None,
         progress: ProgressCallback | None = None,
     ) -> None:
         if not self.MIN_SEGMENT <= segment_size <= self.MAX_SEGMENT:
@@ -254,6 +255,23 @@ class SegmentedSink(Sink):
         if backoff < 0 or max_backoff < 0:
             raise ValueError("backoff must be >= 0")
         self.destination = destination
+        self.max_segments = self.MAX_SEGMENTS if max_segments is None else max_segments
+        self.warnings: list[str] = []
+        if expected_size is not None and -(-expected_size // segment_size) > self.max_segments:
+            # Found out now rather than after max_segments segments have gone up: grow the segments so that
+            # the stream fits (whole MiB), or refuse before anything is sent.
+            need = -(-expected_size // self.max_segments)
+            need = -(-need // MiB) * MiB
+            if need > self.MAX_SEGMENT:
+                raise UploadError(
+                    f"a stream of up to {expected_size} bytes needs more than {self.max_segments} segments even "
+                    f"of the largest size this store takes ({self.MAX_SEGMENT} bytes)",
+                    path=destination, field="segment_size", value=segment_size,
+                )
+            self.warnings.append(f"{destination}: segment size raised from {segment_size} to {need} bytes so that "
+                                 f"up to {expected_size} bytes fit in {self.max_segments} segments")
+            log.warning("%s", self.warnings[-1])
+            segment_size = need
         self.segment_size = segment_size
         self.concurrency = concurrency
         self.attempts = attempts
@@ -263,7 +281,6 @@ class SegmentedSink(Sink):
         self.spool_dir = spool_dir
         # Streams shorter than this (by default: shorter than one segment) go up as one plain PUT.
         self.single_put_below = segment_size if single_put_below is None else single_put_below
-        self.max_segments = self.MAX_SEGMENTS if max_segments is None else max_segments
         self.progress = as_progress(progress)
         self.bytes_written = 0
         self.bytes_sent = 0
@@ -508,7 +525,7 @@ class SegmentedSink(Sink):
             segments=segs,
             retries=list(self.retries),
             elapsed=time.monotonic() - self._t0,
-            extra=extra,
+            extra={**extra, "warnings": list(self.warnings)} if self.warnings else extra,
         )
         self._report()
         return self.result

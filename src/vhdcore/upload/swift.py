@@ -46,7 +46,8 @@ def slo_etag(segment_md5s: list[str]) -> str:
 class SwiftSink(SegmentedSink):
     """Stream to ``swift://container/object`` as an SLO (see the module docstring).
 
-    Options: ``segment_size`` (default 1 GiB, at most 5 GiB, Swift's object size limit),
+    Options: ``segment_size`` (default 1 GiB, at most 5 GiB, Swift's object size limit; grown when
+    ``expected_size``, the most the stream can hold, would need more than 1000 segments: up to 5 TB),
     ``segment_container`` (default ``<container>_segments``), ``concurrency`` (parallel segment PUTs, default
     2), ``attempts``/``backoff`` (per request), ``spool_memory``/``spool_dir`` (where sealed segments wait),
     ``create_container`` (default True), ``content_type``, ``headers`` (extra headers for the object, e.g.
