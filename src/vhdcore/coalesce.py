@@ -51,7 +51,16 @@ from .exceptions import (
 from .coalesce_writer import TargetWriter, WriteIO, pieces
 from .image import Image
 from .progress import as_progress
-from .relink import dependents, fsync_dir, journal_path, read_journal, relink, write_journal
+from .relink import (
+    apply_relink,
+    dependents,
+    fsync_dir,
+    journal_path,
+    plan_from_json,
+    plan_relink,
+    read_journal,
+    write_journal,
+)
 from .structs import SECTOR_SIZE, UNUSED_BAT_ENTRY
 
 MiB = 1024 * 1024
@@ -612,6 +621,7 @@ def coalesce(
         dirs = [os.path.realpath(os.fspath(d)) for d in (search_dirs or [child_dir])]
         for L in sources:
             _lock_shared(L)
+        _replay_relinks(layers, k, warnings)
         _check_safety(layers, k, dirs, force_set, warnings)
         grandchildren = [d.path for d in dependents(leaf, dirs)] if remove_child else []
         if remove_child:
@@ -698,6 +708,32 @@ def _target_index(layers: list[Image], into: str | os.PathLike[str] | None) -> i
                      value=os.fspath(into))
 
 
+def _replay_relinks(layers: list[Image], k: int, warnings: list[str]) -> None:
+    """Finish the relinks of an interrupted ``remove_child`` run of this same coalesce, from its journal.
+
+    The journal exists only once the target was durable, so pointing the grandchildren at it is always right;
+    rewriting a header that was already switched changes nothing, and one torn by a crash is made whole.
+    """
+    rec = read_journal(layers[0].path)
+    if not rec or rec.get("child_unique_id") != str(layers[0].unique_id) \
+            or rec.get("target_unique_id") != str(layers[k].unique_id):
+        return
+    for doc in rec.get("relinks") or ():
+        try:
+            plan = plan_from_json(doc)
+        except (ValueError, KeyError, TypeError) as exc:
+            warnings.append(f"{journal_path(layers[0].path)}: unreadable relink record skipped ({exc})")
+            continue
+        if not os.path.exists(plan.path):
+            continue
+        try:
+            apply_relink(plan)
+        except VHDError as exc:
+            warnings.append(f"{plan.path}: relink from the journal of an interrupted coalesce skipped: {exc}")
+            continue
+        warnings.append(f"{plan.path}: relink of an interrupted coalesce completed from its journal")
+
+
 def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str], warnings: list[str]) -> None:
     sources, target = layers[:k], layers[k]
     for img in sources + [target]:
@@ -742,12 +778,17 @@ def _relink_and_remove(layers: list[Image], k: int, grandchildren: list[str], io
                        rep: CoalesceReport) -> None:
     leaf, target = layers[0], layers[k]
     merged = [L.path for L in layers[:k]]
+    # Every relink's bytes go into the journal before the first is written: a header torn by a crash is then
+    # rewritten whole by the rerun (_replay_relinks) instead of leaving a grandchild with a bad checksum.
+    plans = [plan_relink(g, target) for g in grandchildren]
     jpath = write_journal(leaf.path, {
-        "version": 1, "child": os.path.realpath(leaf.path), "child_unique_id": str(leaf.unique_id),
+        "version": 2, "child": os.path.realpath(leaf.path), "child_unique_id": str(leaf.unique_id),
         "target": os.path.realpath(target.path), "target_unique_id": str(target.unique_id),
-        "merged": merged, "children": [os.path.realpath(g) for g in grandchildren]})
-    for g in grandchildren:
-        rep.warnings.extend(relink(g, target, io=io))
+        "merged": merged, "children": [os.path.realpath(g) for g in grandchildren],
+        "relinks": [p.to_json() for p in plans]})
+    for g, plan in zip(grandchildren, plans):
+        apply_relink(plan, io=io)
+        rep.warnings.extend(plan.warnings)
         rep.relinked.append(g)
     for L in layers[:k]:
         L.close()

@@ -6,7 +6,9 @@ VHD in the searched directories, keeping those that record X's unique id, and re
 sure it is X and not a copy of X elsewhere.
 
 Relinking rewrites a child's header so that it names a new parent. The order keeps the child resolvable at every
-instant (see ``relink``); the one step that cannot be made atomic is the single 1024-byte write of the header.
+instant (see ``relink``); the one step that cannot be made atomic is the single 1024-byte write of the header, which
+a power cut can tear across its two sectors. Coalesce therefore records every relink's writes (a
+:class:`RelinkPlan`) in its journal before the first one, and a rerun replays them all, mending a torn header.
 """
 from __future__ import annotations
 
@@ -169,18 +171,24 @@ class _PlainIO:
         os.fdatasync(fd)
 
 
-def relink(child_path: str, new_parent: Image, *, io=None) -> list[str]:
-    """Make the differencing disk at ``child_path`` name ``new_parent`` (id, time stamp, name, locators).
+@dataclass(frozen=True)
+class RelinkPlan:
+    """The writes that make ``path`` name a new parent: locator data first, the 1024-byte header last."""
 
-    Order: (1) the new locator data goes into the space the old locators reserved; while the header still
-    names the old parent, its unicode name keeps resolving to it (locators that now lead to the new parent
-    carry the wrong id for this header and are passed over); (2) one write of the header switches id, time
-    stamp, name and locator table together. Returns warnings (locators that did not fit and were dropped).
-    ``io`` (``pwritev(fd, bufs, offset)``, ``fdatasync(fd)``) carries the writes; coalesce passes its own.
-    """
-    io = io or _PlainIO()
+    path: str
+    unique_id: uuid.UUID  # of the disk being relinked (its footer copy at offset 0 is never rewritten)
+    writes: tuple[tuple[int, bytes], ...]
+    warnings: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "unique_id": str(self.unique_id),
+                "writes": [[off, data.hex()] for off, data in self.writes]}
+
+
+def plan_relink(child_path: str, new_parent: Image) -> RelinkPlan:
+    """What :func:`relink` will write (see there), computed without writing anything."""
     warnings: list[str] = []
-    with Image(child_path, "r+", strict=False) as img:
+    with Image(child_path, "r", strict=False) as img:
         if not img.is_differencing or img.header is None:
             raise ChainError("not a differencing disk", path=img.path, field="footer.disk_type",
                              value=int(img.disk_type))
@@ -193,17 +201,55 @@ def relink(child_path: str, new_parent: Image, *, io=None) -> list[str]:
         if any(code in ("W2ku", "W2ru") for code in dropped):  # MacX is a convenience for blktap only
             warnings.append(f"{img.path}: locator(s) {', '.join(dropped)} for {new_parent.path} do not fit the "
                             "space the old ones reserved; the parent name still finds it")
-        for off, data in writes:
-            io.pwritev(img.fd, [data], off)
-        if writes:
-            io.fdatasync(img.fd)
         mtime = vhd_timestamp(os.stat(new_parent.path).st_mtime)
         new = replace(h, parent_unique_id=new_parent.unique_id, parent_timestamp=mtime,
                       parent_unicode_name_raw=DynamicHeader.encode_parent_name(name),
                       parent_locators=tuple(table))
-        io.pwritev(img.fd, [new.pack()], hoff)
+        return RelinkPlan(os.path.realpath(img.path), img.unique_id, tuple(writes) + ((hoff, new.pack()),),
+                          tuple(warnings))
+
+
+def apply_relink(plan: RelinkPlan, *, io=None) -> None:
+    """Carry out ``plan``: the locator data, a sync, then the header in one write, and a sync.
+
+    Replaying a plan is harmless (the same bytes land in the same places), which is what makes a header torn
+    by a crash mid-write curable: the coalesce journal keeps every plan until all are applied.
+    """
+    io = io or _PlainIO()
+    with Image(plan.path, "r+", strict=False) as img:
+        if img.unique_id != plan.unique_id:
+            raise ChainError(f"{plan.path} is no longer the disk that was to be relinked (unique id "
+                             f"{img.unique_id}, expected {plan.unique_id})", path=plan.path, field="footer.unique_id",
+                             value=str(img.unique_id))
+        *data_writes, (hoff, header) = plan.writes
+        for off, data in data_writes:
+            io.pwritev(img.fd, [data], off)
+        if data_writes:
+            io.fdatasync(img.fd)
+        io.pwritev(img.fd, [header], hoff)
         io.fdatasync(img.fd)
-    return warnings
+
+
+def relink(child_path: str, new_parent: Image, *, io=None) -> list[str]:
+    """Make the differencing disk at ``child_path`` name ``new_parent`` (id, time stamp, name, locators).
+
+    Order: (1) the new locator data goes into the space the old locators reserved; while the header still
+    names the old parent, its unicode name keeps resolving to it (locators that now lead to the new parent
+    carry the wrong id for this header and are passed over); (2) one write of the header switches id, time
+    stamp, name and locator table together. Returns warnings (locators that did not fit and were dropped).
+    ``io`` (``pwritev(fd, bufs, offset)``, ``fdatasync(fd)``) carries the writes; coalesce passes its own.
+    """
+    plan = plan_relink(child_path, new_parent)
+    apply_relink(plan, io=io)
+    return list(plan.warnings)
+
+
+def plan_from_json(doc: dict) -> RelinkPlan:
+    """A plan as :meth:`RelinkPlan.to_json` stored it (ValueError/KeyError/TypeError if it is not one)."""
+    writes = tuple((int(off), bytes.fromhex(data)) for off, data in doc["writes"])
+    if not writes or any(off < 0 for off, _ in writes):
+        raise ValueError("relink plan without writes, or with a negative offset")
+    return RelinkPlan(str(doc["path"]), uuid.UUID(str(doc["unique_id"])), writes, ())
 
 
 # --------------------------------------------------------------------------------------------- journal
@@ -250,5 +296,5 @@ def fsync_dir(d: str) -> None:
         os.close(fd)
 
 
-__all__ = ["Dependent", "dependents", "relink", "vhd_files", "journal_path", "write_journal", "read_journal",
-           "fsync_dir"]
+__all__ = ["Dependent", "dependents", "relink", "plan_relink", "apply_relink", "plan_from_json", "RelinkPlan",
+           "vhd_files", "journal_path", "write_journal", "read_journal", "fsync_dir"]
