@@ -228,12 +228,48 @@ def test_collapse_chain_into_base(tmp_path, depth, base_type, block_size) -> Non
     assert content(leaf) == model
     rep = coalesce(leaf, into=base, verify=True, remove_child=True)
     assert rep.merged_layers == [str(p) for p in reversed(paths[1:])]
-    assert rep.removed == rep.merged_layers
+    # deepest first, the child (beside which the journal lies) last
+    assert rep.removed == rep.merged_layers[1:][::-1] + rep.merged_layers[:1]
     assert content(base) == model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.vhd"]
     assert_clean(base)
     if base_type == "dynamic":
         assert qemu_raw(base, tmp_path / "b.raw").read_bytes() == bytes(model)
+
+
+def test_crash_while_deleting_merged_layers_is_finished_by_a_rerun(tmp_path, monkeypatch) -> None:
+    # base <- l1 <- l2 <- l3 (leaf) <- grand; coalesce l3 into base, removing l3..l1. The run dies after the first
+    # deletion: l1 is gone, so l3's chain no longer opens; coalescing l3 again must finish from the journal.
+    C = sys.modules["vhdcore.coalesce"]  # the module (vhdcore.coalesce is the function)
+
+    paths, model = build_chain(tmp_path, 4, size=8 * MiB, block_size=512 * 1024, writes=20, seed=3)
+    base, leaf = paths[0], paths[-1]
+    gmodel = bytearray(model)
+    with vhdcore.snapshot(leaf, tmp_path / "grand.vhd") as g:
+        random_writes(g, gmodel, random.Random(5), 4)
+    real_unlink = os.unlink
+    calls = []
+
+    def dying_unlink(p, *a, **k):
+        calls.append(p)
+        if len(calls) == 2:
+            raise OSError(5, "simulated crash")
+        return real_unlink(p, *a, **k)
+
+    monkeypatch.setattr(C.os, "unlink", dying_unlink)
+    with pytest.raises(OSError, match="simulated crash"):
+        coalesce(leaf, into=base, remove_child=True)
+    monkeypatch.setattr(C.os, "unlink", real_unlink)
+    assert calls[0] == str(paths[1]) and not paths[1].exists() and leaf.exists()
+    assert (tmp_path / f".{leaf.name}.coalesce").exists()
+    with pytest.raises(vhdcore.VHDError):  # its chain is broken: only the journal can finish the job
+        vhdcore.open(leaf)
+    rep = coalesce(leaf, into=base, remove_child=True)
+    assert "finished the removal of an interrupted coalesce" in rep.warnings[-1]
+    assert rep.relinked == [str(tmp_path / "grand.vhd")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.vhd", "grand.vhd"]
+    assert content(base) == model and content(tmp_path / "grand.vhd") == bytes(gmodel)
+    assert check(tmp_path / "grand.vhd", chain=True).clean
 
 
 def test_into_writes_each_sector_once(tmp_path) -> None:

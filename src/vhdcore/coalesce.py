@@ -22,11 +22,14 @@ crash tests use, are in ``coalesce_writer``.
 Safety: refused (UnsafeOperationError naming the override) when other disks depend on the target or an
 intermediate layer, when a parent's unique id is not the one its child records, or when a disk is in saved state.
 ``remove_child`` acts only once the target is durable (and verified, if asked): the child's children are relinked
-to the target, then the merged layers are deleted; a journal beside the child lets a rerun after a crash in that
-phase finish the job instead of refusing because of the children already relinked.
+to the target, then the merged layers are deleted (deepest first, the child last); a journal beside the child,
+holding every relink's bytes, lets a rerun after a crash in that phase finish the job: it relinks the journal's
+grandchildren again (mending a header torn mid-write) and, if layers were already deleted so that the child's
+chain no longer opens, completes the removal from the journal alone.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -605,6 +608,9 @@ def coalesce(
         raise ValueError(f"unknown force option(s) {sorted(unknown)}; choose from {', '.join(FORCE_CHOICES)}")
     child = os.fspath(child)
     warnings: list[str] = []
+    finished = _finish_interrupted_removal(child, os.fspath(into) if into is not None else None, warnings)
+    if finished is not None:
+        return finished
     layers = _open_layers(child, [os.fspath(d) for d in (parent_dirs or ())], strict, force_set, warnings)
     target_rw: Image | None = None
     fresh: list[Image] = []
@@ -621,9 +627,11 @@ def coalesce(
         dirs = [os.path.realpath(os.fspath(d)) for d in (search_dirs or [child_dir])]
         for L in sources:
             _lock_shared(L)
-        _replay_relinks(layers, k, warnings)
         _check_safety(layers, k, dirs, force_set, warnings)
         grandchildren = [d.path for d in dependents(leaf, dirs)] if remove_child else []
+        if remove_child:
+            known = {os.path.realpath(g) for g in grandchildren}
+            grandchildren += [g for g in _journal_children(layers, k) if os.path.realpath(g) not in known]
         if remove_child:
             for g in grandchildren:  # fail now, not after the merge, if one is in use
                 Image(g, "r+", strict=False).close()
@@ -708,30 +716,27 @@ def _target_index(layers: list[Image], into: str | os.PathLike[str] | None) -> i
                      value=os.fspath(into))
 
 
-def _replay_relinks(layers: list[Image], k: int, warnings: list[str]) -> None:
-    """Finish the relinks of an interrupted ``remove_child`` run of this same coalesce, from its journal.
-
-    The journal exists only once the target was durable, so pointing the grandchildren at it is always right;
-    rewriting a header that was already switched changes nothing, and one torn by a crash is made whole.
-    """
+def _journal_children(layers: list[Image], k: int) -> list[str]:
+    """The grandchildren an interrupted ``remove_child`` run of this same coalesce was relinking (from its
+    journal), so that the rerun relinks them again: the ones it had switched no longer name the child, and a
+    header torn by a crash mid-write is only made whole by being written again."""
     rec = read_journal(layers[0].path)
     if not rec or rec.get("child_unique_id") != str(layers[0].unique_id) \
             or rec.get("target_unique_id") != str(layers[k].unique_id):
-        return
+        return []
+    out: list[str] = []
     for doc in rec.get("relinks") or ():
         try:
             plan = plan_from_json(doc)
-        except (ValueError, KeyError, TypeError) as exc:
-            warnings.append(f"{journal_path(layers[0].path)}: unreadable relink record skipped ({exc})")
-            continue
-        if not os.path.exists(plan.path):
+        except (ValueError, KeyError, TypeError):
             continue
         try:
-            apply_relink(plan)
-        except VHDError as exc:
-            warnings.append(f"{plan.path}: relink from the journal of an interrupted coalesce skipped: {exc}")
+            with Image(plan.path, "r", strict=False) as img:
+                if img.unique_id == plan.unique_id and img.is_differencing:
+                    out.append(plan.path)
+        except (OSError, VHDError):
             continue
-        warnings.append(f"{plan.path}: relink of an interrupted coalesce completed from its journal")
+    return out
 
 
 def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str], warnings: list[str]) -> None:
@@ -779,7 +784,8 @@ def _relink_and_remove(layers: list[Image], k: int, grandchildren: list[str], io
     leaf, target = layers[0], layers[k]
     merged = [L.path for L in layers[:k]]
     # Every relink's bytes go into the journal before the first is written: a header torn by a crash is then
-    # rewritten whole by the rerun (_replay_relinks) instead of leaving a grandchild with a bad checksum.
+    # rewritten whole by the rerun (_journal_children, or _finish_interrupted_removal once layers were deleted)
+    # instead of leaving a grandchild with a bad checksum.
     plans = [plan_relink(g, target) for g in grandchildren]
     jpath = write_journal(leaf.path, {
         "version": 2, "child": os.path.realpath(leaf.path), "child_unique_id": str(leaf.unique_id),
@@ -792,12 +798,65 @@ def _relink_and_remove(layers: list[Image], k: int, grandchildren: list[str], io
         rep.relinked.append(g)
     for L in layers[:k]:
         L.close()
-    for p in merged:
-        os.unlink(p)
+    _remove_merged(merged, jpath, rep)
+
+
+def _remove_merged(merged: list[str], jpath: str, rep: CoalesceReport) -> None:
+    """Delete the merged layers deepest first and the child (beside which the journal lies) last, then the journal.
+
+    A crash part-way leaves the child and its journal, so coalescing the child again finds the journal and
+    finishes (:func:`_finish_interrupted_removal`) instead of leaving layers that nothing references.
+    """
+    for p in list(reversed(merged[1:])) + merged[:1]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
         rep.removed.append(p)
     for d in sorted({os.path.dirname(os.path.realpath(p)) for p in merged}):
         fsync_dir(d)
     os.unlink(jpath)
+
+
+def _finish_interrupted_removal(child: str, into: str | None, warnings: list[str]) -> CoalesceReport | None:
+    """Finish a ``remove_child`` run that died while deleting the merged layers (the child's chain no longer
+    opens: some of its layers are gone). None when there is no such run to finish: the caller goes on as usual.
+
+    The journal exists only once the target was durable (and verified when asked) and holds every relink: the
+    relinks are replayed, then what is left of the merged layers and the child are deleted.
+    """
+    rec = read_journal(child)
+    if not rec or rec.get("child") != os.path.realpath(child):
+        return None
+    merged = [str(p) for p in rec.get("merged") or []]
+    if not merged or all(os.path.exists(p) for p in merged):
+        return None  # the chain is whole: the usual path redoes the merge and replays the relinks
+    target_path = str(rec.get("target", ""))
+    if into is not None and os.path.realpath(into) != target_path:
+        return None
+    with Image(child, "r", strict=False) as leaf:
+        if str(leaf.unique_id) != rec.get("child_unique_id"):
+            return None
+        leaf_path = leaf.path
+    with Image(target_path, "r") as target:
+        if str(target.unique_id) != rec.get("target_unique_id"):
+            raise ChainError("the journal of an interrupted coalesce names a target whose unique id changed since",
+                             path=target_path, field="footer.unique_id", value=str(target.unique_id))
+        rep = CoalesceReport(child=leaf_path, target=target.path, target_type=target.disk_type.label,
+                             merged_layers=merged, backend=K.BACKEND, block_size=target.block_size or 0)
+    t0 = time.perf_counter()
+    for doc in rec.get("relinks") or ():
+        try:
+            plan = plan_from_json(doc)
+        except (ValueError, KeyError, TypeError):
+            continue
+        if os.path.exists(plan.path):
+            apply_relink(plan)
+            rep.relinked.append(plan.path)
+    rep.warnings = warnings + [f"{leaf_path}: finished the removal of an interrupted coalesce from its journal "
+                               f"(merged into {target_path}; layers already deleted: "
+                               f"{', '.join(p for p in merged if not os.path.exists(p))})"]
+    _remove_merged(merged, journal_path(child), rep)
+    rep.seconds = time.perf_counter() - t0
+    return rep
 
 
 __all__ = ["coalesce", "CoalesceReport", "FORCE_CHOICES", "FORCE_OTHER_CHILDREN", "FORCE_PARENT_ID",

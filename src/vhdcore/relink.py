@@ -8,7 +8,7 @@ sure it is X and not a copy of X elsewhere.
 Relinking rewrites a child's header so that it names a new parent. The order keeps the child resolvable at every
 instant (see ``relink``); the one step that cannot be made atomic is the single 1024-byte write of the header, which
 a power cut can tear across its two sectors. Coalesce therefore records every relink's writes (a
-:class:`RelinkPlan`) in its journal before the first one, and a rerun replays them all, mending a torn header.
+:class:`RelinkPlan`) in its journal before the first one, and a rerun writes them all again, mending a torn header.
 """
 from __future__ import annotations
 
