@@ -53,6 +53,15 @@ class _Aborted(Exception):
     """Internal: the sink is being aborted; stop retrying."""
 
 
+def _seek_position(pos: int, size: int, offset: int, whence: int) -> int:
+    """Where ``seek(offset, whence)`` lands in a body of ``size`` bytes read up to ``pos`` (clamped to it)."""
+    if whence == 1:
+        offset += pos
+    elif whence == 2:
+        offset += size
+    return max(0, min(offset, size))
+
+
 class Spool:
     """A segment's bytes, written once, then read as often as PUT attempts need.
 
@@ -125,11 +134,7 @@ class Spool:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        if whence == 1:
-            offset += self._pos
-        elif whence == 2:
-            offset += self.size
-        self._pos = max(0, min(offset, self.size))
+        self._pos = _seek_position(self._pos, self.size, offset, whence)
         return self._pos
 
     def tell(self) -> int:
@@ -198,11 +203,7 @@ class CountingReader:
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        if whence == 1:
-            offset += self._pos
-        elif whence == 2:
-            offset += self._size
-        self._pos = max(0, min(offset, self._size))
+        self._pos = _seek_position(self._pos, self._size, offset, whence)
         self._f.seek(self._pos)
         return self._pos
 
