@@ -37,8 +37,10 @@ with md5+sha512 0.40-0.48 GB/s, with all three 0.38-0.45 GB/s (the hashes of the
 ~2.5 CPU-seconds: md5 765, sha512 859, sha256 1805 MB/s here). vs ``tar -czf`` of the chain (61-67 s): gzip
 without digests 19.8-25.6x, with md5+sha512 15.0-17.5x, with three digests 14.2-16.3x, zstd with three 11-13x.
 Upload of the same compressed file into the local Swift: the SLO sink with its defaults (2 threads, spools
-spilling past 64 MiB) 0.74-0.86x ``swift upload --use-slo`` (10 threads), with 10 threads and memory spools
-0.71-0.94x; export to swift end to end 0.34-0.36x of uploading the already compressed file.
+spilling past 64 MiB) 0.96x ``swift upload --use-slo`` (10 threads), with 10 threads and memory spools 0.99x
+(0.74-0.86x and 0.71-0.94x before spools kept the compressor's bytes instead of copying them into a BytesIO
+and again into the rolled-over file); export to swift end to end 0.34-0.36x of uploading the already
+compressed file (on 2 cores the compression, the hashes and the local Swift's servers share the CPU).
 
 Under pytest (``pytest benchmarks/bench_export.py``) a smaller disk is used (``VHDCORE_BENCH_EXPORT_GIB``,
 default 1) and the ratios land in ``extra_info``.
