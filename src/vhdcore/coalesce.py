@@ -59,7 +59,7 @@ from .relink import (
     dependents,
     fsync_dir,
     journal_path,
-    plan_from_json,
+    journal_plans,
     plan_relink,
     read_journal,
     write_journal,
@@ -627,12 +627,12 @@ def coalesce(
         dirs = [os.path.realpath(os.fspath(d)) for d in (search_dirs or [child_dir])]
         for L in sources:
             _lock_shared(L)
-        _check_safety(layers, k, dirs, force_set, warnings)
+        journal = _own_journal(layers, k)
+        _check_safety(layers, k, dirs, force_set, warnings, journal)
         grandchildren = [d.path for d in dependents(leaf, dirs)] if remove_child else []
         if remove_child:
             known = {os.path.realpath(g) for g in grandchildren}
-            grandchildren += [g for g in _journal_children(layers, k) if os.path.realpath(g) not in known]
-        if remove_child:
+            grandchildren += [g for g in _journal_children(journal) if os.path.realpath(g) not in known]
             for g in grandchildren:  # fail now, not after the merge, if one is in use
                 Image(g, "r+", strict=False).close()
 
@@ -716,20 +716,22 @@ def _target_index(layers: list[Image], into: str | os.PathLike[str] | None) -> i
                      value=os.fspath(into))
 
 
-def _journal_children(layers: list[Image], k: int) -> list[str]:
-    """The grandchildren an interrupted ``remove_child`` run of this same coalesce was relinking (from its
-    journal), so that the rerun relinks them again: the ones it had switched no longer name the child, and a
-    header torn by a crash mid-write is only made whole by being written again."""
+def _own_journal(layers: list[Image], k: int) -> dict | None:
+    """The journal beside the child if an interrupted ``remove_child`` run of this same coalesce (same child,
+    same target) left it; None otherwise."""
     rec = read_journal(layers[0].path)
-    if not rec or rec.get("child_unique_id") != str(layers[0].unique_id) \
-            or rec.get("target_unique_id") != str(layers[k].unique_id):
-        return []
+    if rec and rec.get("child_unique_id") == str(layers[0].unique_id) \
+            and rec.get("target_unique_id") == str(layers[k].unique_id):
+        return rec
+    return None
+
+
+def _journal_children(journal: dict | None) -> list[str]:
+    """The grandchildren the interrupted run was relinking, so that the rerun relinks them again: the ones it
+    had switched no longer name the child, and a header torn by a crash mid-write is only made whole by being
+    written again."""
     out: list[str] = []
-    for doc in rec.get("relinks") or ():
-        try:
-            plan = plan_from_json(doc)
-        except (ValueError, KeyError, TypeError):
-            continue
+    for plan in journal_plans(journal) if journal else ():
         try:
             with Image(plan.path, "r", strict=False) as img:
                 if img.unique_id == plan.unique_id and img.is_differencing:
@@ -739,7 +741,8 @@ def _journal_children(layers: list[Image], k: int) -> list[str]:
     return out
 
 
-def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str], warnings: list[str]) -> None:
+def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str], warnings: list[str],
+                  journal: dict | None) -> None:
     sources, target = layers[:k], layers[k]
     for img in sources + [target]:
         if img.footer.saved_state:
@@ -758,11 +761,7 @@ def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str],
                 "first)", path=sources[i].path, field="footer.current_size", value=sources[i].size)
     # Every disk whose view goes through a layer we change (the target and the intermediate layers) other than
     # the chain's own would see different content.
-    rec = read_journal(layers[0].path)
-    already: set[str] = set()
-    if rec and rec.get("child_unique_id") == str(layers[0].unique_id) \
-            and rec.get("target_unique_id") == str(target.unique_id):
-        already = {os.path.realpath(p) for p in rec.get("children", [])}
+    already = {os.path.realpath(p) for p in journal.get("children", [])} if journal else set()
     for i in range(1, k + 1):
         img = layers[i]
         scan = sorted(set(dirs) | {os.path.dirname(os.path.realpath(img.path))})
@@ -843,11 +842,7 @@ def _finish_interrupted_removal(child: str, into: str | None, warnings: list[str
         rep = CoalesceReport(child=leaf_path, target=target.path, target_type=target.disk_type.label,
                              merged_layers=merged, backend=K.BACKEND, block_size=target.block_size or 0)
     t0 = time.perf_counter()
-    for doc in rec.get("relinks") or ():
-        try:
-            plan = plan_from_json(doc)
-        except (ValueError, KeyError, TypeError):
-            continue
+    for plan in journal_plans(rec):
         if os.path.exists(plan.path):
             apply_relink(plan)
             rep.relinked.append(plan.path)

@@ -252,6 +252,17 @@ def plan_from_json(doc: dict) -> RelinkPlan:
     return RelinkPlan(str(doc["path"]), uuid.UUID(str(doc["unique_id"])), writes, ())
 
 
+def journal_plans(rec: dict) -> list[RelinkPlan]:
+    """The relink plans a coalesce journal holds (records that cannot be read are left out)."""
+    plans = []
+    for doc in rec.get("relinks") or ():
+        try:
+            plans.append(plan_from_json(doc))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return plans
+
+
 # --------------------------------------------------------------------------------------------- journal
 
 
@@ -296,5 +307,6 @@ def fsync_dir(d: str) -> None:
         os.close(fd)
 
 
-__all__ = ["Dependent", "dependents", "relink", "plan_relink", "apply_relink", "plan_from_json", "RelinkPlan",
+__all__ = ["Dependent", "dependents", "relink", "plan_relink", "apply_relink", "plan_from_json", "journal_plans",
+           "RelinkPlan",
            "vhd_files", "journal_path", "write_journal", "read_journal", "fsync_dir"]
