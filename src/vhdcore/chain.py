@@ -76,12 +76,12 @@ def _opened_outside(img: Image, allowed_dirs: Sequence[str]) -> str | None:
     try:
         real = os.readlink(f"/proc/self/fd/{img.fd}")
     except OSError:
-        try:
-            st, now = os.fstat(img.fd), os.stat(os.path.realpath(img.path))
-        except OSError:
-            return img.path
-        same = (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
         real = os.path.realpath(img.path)
+        try:
+            st, now = os.fstat(img.fd), os.stat(real)
+        except OSError:
+            return real
+        same = (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
         return None if same and _within(real, allowed_dirs) else real
     if real.endswith(" (deleted)"):
         real = real[: -len(" (deleted)")]

@@ -3,9 +3,10 @@
 All share one shape: ``write(chunk)`` as many times as needed, then ``close()``; compressed bytes go to the
 output given at construction (a callable taking ``bytes`` or an object with ``write``) in stream order, one
 call at a time (zstd and none call it from the thread that called ``write``/``close``; gzip from a thread of
-its own, see :class:`_ChunkPipeline`; an exception the output raises comes back from the next call). The output always receives immutable ``bytes`` objects that it
-may keep (a digest thread or an upload spool holds on to them), and ``write`` copies what it keeps, so the
-caller may reuse its buffer as soon as ``write`` returns.
+its own, see :class:`_ChunkPipeline`; an exception the output raises comes back from the next call). The
+output always receives immutable ``bytes`` objects that it may keep (a digest thread or an upload spool
+holds on to them), and ``write`` copies what it keeps, so the caller may reuse its buffer as soon as
+``write`` returns.
 
 gzip: one gzip member made pigz-style. The input is cut into fixed-size chunks; each chunk is compressed
 as raw deflate by a worker thread (ISA-L releases the GIL), primed with the previous chunk's last 32 KiB as

@@ -256,7 +256,8 @@ def export(
             source=src, destination=dest, package=package, compression=result.compression, level=result.level,
             virtual_size=disk.size, package_size=pkg.size, size=result.size, bytes_read=pkg.bytes_read,
             data_blocks=pkg.data_blocks, zero_ranges=list(pkg.zero_ranges), digests=result.digests,
-            manifest_path=manifest_path, upload=result.upload, warnings=list(disk.warnings) + pkg.warnings + list(result.upload.extra.get("warnings", ())),
+            manifest_path=manifest_path, upload=result.upload,
+            warnings=list(disk.warnings) + pkg.warnings + list(result.upload.extra.get("warnings", ())),
             seconds=time.monotonic() - t0, stream_seconds=stream_seconds, manifest=mf,
         )
     track.emit(TaskState.COMPLETE, pkg.size, pkg.size, delivered=rep.size)
