@@ -46,3 +46,21 @@ def _backend_is_the_requested_one() -> None:
 
     expected = "python" if PURE_PYTHON else "cython"
     assert vhdcore.BACKEND == expected, f"kernel backend is {vhdcore.BACKEND}, this pass needs {expected}"
+
+
+# Guest-file-system chains (real mkfs/sfdisk images), built once per session by growth_support and shared by the
+# growth and compact tests.
+@pytest.fixture(scope="module")
+def mbr_chain(tmp_path_factory):
+    import growth_support as gs
+
+    gs.ensure_tools()
+    return gs.build_once("mbr", lambda: gs.build_mbr_chain(tmp_path_factory.mktemp("mbr-chain")))
+
+
+@pytest.fixture(scope="module")
+def gpt_chain(tmp_path_factory):
+    import growth_support as gs
+
+    gs.ensure_tools()
+    return gs.build_once("gpt", lambda: gs.build_gpt_chain(tmp_path_factory.mktemp("gpt-chain")))

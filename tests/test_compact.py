@@ -18,18 +18,6 @@ from growth_support import MiB, SECTOR
 from vhdcore.exceptions import VHDError
 
 
-@pytest.fixture(scope="module")
-def mbr_chain(tmp_path_factory) -> gs.GuestChain:
-    gs.ensure_tools()
-    return gs.build_once("mbr", lambda: gs.build_mbr_chain(tmp_path_factory.mktemp("mbr-chain")))
-
-
-@pytest.fixture(scope="module")
-def gpt_chain(tmp_path_factory) -> gs.GuestChain:
-    gs.ensure_tools()
-    return gs.build_once("gpt", lambda: gs.build_gpt_chain(tmp_path_factory.mktemp("gpt-chain")))
-
-
 _read_all = gs.read_disk
 
 

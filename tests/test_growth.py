@@ -20,18 +20,6 @@ GiB = 1024 * MiB
 
 
 @pytest.fixture(scope="module")
-def mbr_chain(tmp_path_factory) -> gs.GuestChain:
-    gs.ensure_tools()
-    return gs.build_once("mbr", lambda: gs.build_mbr_chain(tmp_path_factory.mktemp("mbr-chain")))
-
-
-@pytest.fixture(scope="module")
-def gpt_chain(tmp_path_factory) -> gs.GuestChain:
-    gs.ensure_tools()
-    return gs.build_once("gpt", lambda: gs.build_gpt_chain(tmp_path_factory.mktemp("gpt-chain")))
-
-
-@pytest.fixture(scope="module")
 def reports(mbr_chain, gpt_chain) -> dict[str, vhdcore.GrowthReport]:
     seen: list[tuple[int, int]] = []
     out = {"mbr": vhdcore.growth(mbr_chain.leaf, block_table=True, progress=lambda d, t: seen.append((d, t))),
