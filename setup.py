@@ -20,8 +20,9 @@ DIRECTIVES = {"boundscheck": False, "wraparound": False, "cdivision": True}
 FALLBACK_WARNING = """
 WARNING: vhdcore's Cython kernels were not built ({reason}).
          vhdcore is installed anyway and runs on its pure-Python twin (vhdcore.BACKEND == "python"), which is
-         correct but several times slower on coalesce, compact and export. Install a C compiler (Debian:
-         apt-get install gcc python3-dev) and reinstall to get the compiled kernels.
+         correct but several times slower on coalesce, compact and export. To get the compiled kernels, install
+         a C compiler (Debian: apt-get install gcc python3-dev), then reinstall past pip's cache of this build:
+         pip install --no-cache-dir --force-reinstall --no-deps vhdcore
 """
 
 
