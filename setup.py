@@ -26,8 +26,14 @@ WARNING: vhdcore's Cython kernels were not built ({reason}).
 """
 
 
+_warned = []
+
+
 def _warn_fallback(reason: str) -> None:
-    sys.stderr.write(FALLBACK_WARNING.format(reason=reason))
+    # Once: after a failed compile, an editable install's copy of the missing .so fails too, for the same reason.
+    if not _warned:
+        _warned.append(reason)
+        sys.stderr.write(FALLBACK_WARNING.format(reason=reason))
 
 
 class OptionalBuildExt(build_ext):
