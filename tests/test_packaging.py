@@ -151,9 +151,9 @@ def _run_suite_subset(venv: Path, tree: Path, tests: list[str], **env: str) -> N
 # ------------------------------------------------------------------------------------------------ contents
 def test_sdist_is_a_complete_source_release(release):
     with tarfile.open(release["sdist"]) as tar:
-        names = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
-    files = [n for n in names if not n.endswith("/")]
-    print(f"\n[packaging] sdist: {len(files)} entries, {release['sdist'].stat().st_size} bytes")
+        files = [m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()]
+    names = set(files)
+    print(f"\n[packaging] sdist: {len(files)} files, {release['sdist'].stat().st_size} bytes")
     for must in ("LICENSE", "PKG-INFO", "README.md", "MANIFEST.in", "setup.py", "pyproject.toml",
                  "build_backend/vhdcore_build.py", "src/vhdcore/_coalesce.pyx", "src/vhdcore/_coalesce.c",
                  "src/vhdcore/py.typed", "docs/ARCHITECTURE.md", "tests/conftest.py", "tests/vhdtest.py",
@@ -233,6 +233,10 @@ def test_sdist_builds_without_cython(release, venv, tmp_path):
     assert backend == "cython"
     _check_cli(venv, tmp_path, compressions=("zstd",))
     _run_suite_subset(venv, release["tree"], SUBSET_COMPILED)
+    # Every test module of the suite imports from the unpacked sdist (its helpers and data ship with it).
+    r = _run([venv / "bin" / "python", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+             env=_env(venv), cwd=release["tree"], check=False)
+    assert r.returncode == 0 and " collected" in r.stdout.splitlines()[-1], r.stdout[-3000:] + r.stderr[-2000:]
 
 
 def test_sdist_without_compiler_installs_pure_python(release, venv, tmp_path):
