@@ -65,6 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"vhdcore {args.command}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_status", EXIT_ERROR)
+    except ModuleNotFoundError as e:
+        # A library an optional feature needs (an extra not installed) or a core one removed after install.
+        if debug:
+            raise
+        from ._extras import install_hint
+
+        print(f"vhdcore {args.command}: error: {e}; install it with: {install_hint(e.name or '')}", file=sys.stderr)
+        return EXIT_ERROR
     except (OSError, ValueError) as e:
         if debug:
             raise

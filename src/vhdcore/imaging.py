@@ -76,10 +76,14 @@ def image(
     from .coalesce import coalesce as do_coalesce
     from .export import export as do_export
     from .growth import growth as do_growth
+    from ._extras import require_scheme
+    from .upload import parse_destination
 
     prog = as_progress(progress)
     leaf = os.fspath(leaf)
     dest = os.fspath(dest)
+    # Before the coalesce changes the chain: a destination whose client library is missing fails now.
+    require_scheme(parse_destination(dest)[0])
     seconds: dict[str, float] = {}
     warnings: list[str] = []
 

@@ -12,6 +12,7 @@ import io
 import os
 from typing import IO, Any, Iterator
 
+from .._extras import require_scheme
 from . import UploadError, parse_destination
 
 __all__ = ["open_download"]
@@ -101,6 +102,7 @@ def _s3(bucket: str, key: str, url: str, opts: dict[str, Any]) -> IO[bytes]:
 def open_download(url: str | os.PathLike[str], **opts: Any) -> IO[bytes]:
     """A binary stream of the object at ``url`` (``swift://``, ``s3://``, ``file://`` or a path)."""
     scheme, container, name = parse_destination(url)
+    require_scheme(scheme)
     text = os.fspath(url)
     if scheme == "file":
         return open(name, "rb", buffering=CHUNK)
