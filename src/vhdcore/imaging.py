@@ -1,12 +1,14 @@
-"""The whole imaging job, the way a pipeline runs it: check, growth report, coalesce, export.
+"""The whole imaging job, the way a pipeline runs it: check, preflight, growth report, export, (coalesce).
 
-A server's disk is a chain base <- snapshot <- ... <- leaf. Imaging checks every layer, reports why the disk is
-the size it is and what the image will cost, merges the chain into its base (so the snapshots' duplicates are
-gone), then packages, compresses, check-sums and delivers the result. Progress is reported with the task states
-the seed orchestrator understands (preparing/coalescing 25 %, saving/uploading 50 %, complete 100 %).
+A server's disk is a chain base <- snapshot <- ... <- leaf. Imaging checks every layer, checks the destination
+can take the image (preflight), reports why the disk is the size it is and what the image will cost, then
+packages, compresses, check-sums and delivers the chain's content, reading through the chain. The source
+files are never written unless the caller asks for the seed pipeline's in-place merge (``coalesce_in_place``),
+which then runs last, once the image is delivered: nothing that can fail before it changes a source byte.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 import time
@@ -49,16 +51,38 @@ def _stage(progress: ProgressCallback, state: TaskState) -> Callable[..., None]:
     return cb
 
 
+def _preflight(leaf: str, dest: str, *, package: str, compression: str, overwrite: bool,
+               parent_dirs: Sequence[str] | None, export_options: dict[str, Any]) -> dict[str, Any]:
+    """Check the destination can take the worst-case image, before anything long or irreversible starts."""
+    from .chain import open_chain
+    from .export import compression_for, export as do_export
+    from .packages import open_package
+    from .upload.preflight import preflight, worst_case_output
+
+    kind = compression_for(dest, compression)
+    with open_chain(leaf, "r", parent_dirs) as disk:
+        sources = [img.path for img in disk.layers]
+        # zero_scan off: the package as large as it can be, and no read of the data for a number
+        size = open_package(package, disk, None, zero_scan=False).size
+    manifest = export_options.get("manifest", True) is not False
+    needed = worst_case_output(size, kind, manifest)
+    # what export() does not take itself goes to the sink: the same credentials and options the upload will use
+    own = set(inspect.signature(do_export).parameters)
+    sink_options = {k: v for k, v in export_options.items() if k not in own}
+    return preflight(dest, needed=needed, sources=sources, overwrite=overwrite, manifest=manifest, **sink_options)
+
+
 def image(
     leaf: str | os.PathLike[str],
     dest: str | os.PathLike[str],
     *,
-    coalesce: bool = True,
+    coalesce_in_place: bool = False,
     analyse: bool = True,
     package: str = "vhd",
     compression: str = "auto",
     level: int | None = None,
     compact: str | None = None,
+    overwrite: bool = False,
     parent_dirs: Sequence[str] | None = None,
     progress: ProgressCallback | None = None,
     on_stage: Callable[[str, Any], None] | None = None,
@@ -66,11 +90,17 @@ def image(
 ) -> ImagingReport:
     """Image the chain ending at ``leaf`` into ``dest``.
 
-    With ``coalesce`` (the default) every layer above the base is merged into the base and removed, as the
-    seed pipeline does before upload; without it the chain is exported as it is (export reads through it).
-    ``compact`` ("zero", "quick" or "full") first writes a compacted copy of the (coalesced) disk beside it, so
-    deleted-file space and zero blocks are not shipped; the copy is removed after the export.
-    ``on_stage(name, result)`` is called after each stage with its report (for a CLI to print as it goes).
+    The source chain is only read: the image is exported through the chain (the output is byte-identical to
+    exporting a coalesced base). First the chain is checked and the destination preflighted (local: the
+    destination rule, a writable directory, free space for the worst-case output; Swift/S3: authentication
+    and the container or bucket), so a job that cannot deliver fails before it starts.
+
+    ``coalesce_in_place`` also merges every layer above the base into the base and removes them, as the seed
+    pipeline did; it runs only after the image was delivered, so any failure before leaves every source file
+    byte-identical. ``compact`` ("zero", "quick" or "full") first writes a compacted copy of the chain beside
+    the leaf, so deleted-file space and zero blocks are not shipped; the copy is removed after the export.
+    ``overwrite`` allows replacing an existing local destination. ``on_stage(name, result)`` is called after
+    each stage with its report (for a CLI to print as it goes).
     """
     from .check import check as do_check
     from .coalesce import coalesce as do_coalesce
@@ -95,6 +125,13 @@ def image(
         raise CheckFailedError(f"chain check found {len(errors)} error(s), first: {first.code}: {first.message}",
                                path=first.path, offset=first.offset, field=first.field)
 
+    t = time.monotonic()
+    pre = _preflight(leaf, dest, package=package, compression=compression, overwrite=overwrite,
+                     parent_dirs=parent_dirs, export_options=export_options)
+    seconds["preflight"] = round(time.monotonic() - t, 3)
+    if on_stage:
+        on_stage("preflight", pre)
+
     gr = None
     if analyse:
         t = time.monotonic()
@@ -103,34 +140,17 @@ def image(
         if on_stage:
             on_stage("growth", gr)
 
-    co = None
     source = leaf
-    if coalesce:
-        from .chain import open_chain
-
-        with open_chain(leaf, "r", parent_dirs) as disk:
-            depth = len(disk.layers)
-            base = disk.layers[-1].path
-        if depth > 1:
-            t = time.monotonic()
-            co = do_coalesce(leaf, into=base, remove_child=True, parent_dirs=parent_dirs,
-                             progress=_stage(prog, TaskState.COALESCING))
-            seconds["coalesce"] = round(time.monotonic() - t, 3)
-            warnings.extend(co.warnings)
-            source = base
-            if on_stage:
-                on_stage("coalesce", co)
-
     compacted = None
     cr = None
     if compact:
         from .compact import compact as do_compact
 
         t = time.monotonic()
-        fd, compacted = tempfile.mkstemp(prefix=".compacted-", suffix=".vhd", dir=os.path.dirname(os.path.abspath(source)))
+        fd, compacted = tempfile.mkstemp(prefix=".compacted-", suffix=".vhd", dir=os.path.dirname(os.path.abspath(leaf)))
         os.close(fd)
         os.unlink(compacted)
-        cr = do_compact(source, compacted, mode=compact, parent_dirs=parent_dirs,
+        cr = do_compact(leaf, compacted, mode=compact, parent_dirs=parent_dirs,
                         progress=_stage(prog, TaskState.PREPARING))
         seconds["compact"] = round(time.monotonic() - t, 3)
         warnings.extend(getattr(cr, "warnings", []) or [])
@@ -139,7 +159,9 @@ def image(
         source = compacted
 
     t = time.monotonic()
-    remote = "://" in dest
+    remote = "://" in dest and not dest.startswith("file://")
+    if not remote:
+        export_options.setdefault("overwrite", overwrite)  # preflight applied the rule; the sink replaces
     try:
         ex = do_export(source, dest, package=package, compression=compression, level=level,
                        parent_dirs=parent_dirs,
@@ -151,6 +173,22 @@ def image(
     warnings.extend(ex.warnings)
     if on_stage:
         on_stage("export", ex)
+
+    co = None
+    if coalesce_in_place:
+        from .chain import open_chain
+
+        with open_chain(leaf, "r", parent_dirs) as disk:
+            depth = len(disk.layers)
+            base = disk.layers[-1].path
+        if depth > 1:
+            t = time.monotonic()
+            co = do_coalesce(leaf, into=base, remove_child=True, parent_dirs=parent_dirs,
+                             progress=_stage(prog, TaskState.COALESCING))
+            seconds["coalesce"] = round(time.monotonic() - t, 3)
+            warnings.extend(co.warnings)
+            if on_stage:
+                on_stage("coalesce", co)
     prog(1, 1, state=TaskState.COMPLETE)
     return ImagingReport(
         source=leaf, destination=dest, check=chk.to_dict(), growth=gr.to_dict() if gr else None,

@@ -37,3 +37,24 @@ def add_open_arguments(p: argparse.ArgumentParser) -> None:
                    help="also look for parent disks in DIR (repeatable); the disk's own directory is always searched")
     p.add_argument("--ignore-checksums", action="store_true",
                    help="accept footers and headers whose checksum is wrong (reported as warnings)")
+
+
+def add_remote_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``swift`` CLI's authentication options; ST_* and OS_* variables are read as it reads them."""
+    g = p.add_argument_group("Swift authentication (else ST_AUTH/ST_USER/ST_KEY, OS_AUTH_URL/OS_USERNAME/"
+                             "OS_PASSWORD/OS_*, or OS_STORAGE_URL + OS_AUTH_TOKEN)")
+    g.add_argument("-A", "--auth", dest="auth_url", default=None, metavar="URL", help="auth URL (as swift -A)")
+    g.add_argument("-U", "--user", dest="user", default=None, help="user name (as swift -U)")
+    g.add_argument("-K", "--key", dest="key", default=None, help="key or password (as swift -K)")
+    g.add_argument("-V", "--auth-version", dest="auth_version", default=None, help="auth version (1.0, 2.0, 3)")
+    g.add_argument("--os-storage-url", dest="storage_url", default=None, metavar="URL")
+    g.add_argument("--os-auth-token", dest="auth_token", default=None, metavar="TOKEN")
+
+
+def remote_options(args: argparse.Namespace, dest: str) -> dict[str, Any]:
+    """The Swift options given on the command line, for a swift:// destination (nothing for others)."""
+    opts = {k: getattr(args, k, None) for k in ("auth_url", "user", "key", "auth_version", "storage_url", "auth_token")}
+    opts = {k: v for k, v in opts.items() if v}
+    if opts and not str(dest).startswith("swift://"):
+        raise ValueError("-A/-U/-K/-V/--os-storage-url/--os-auth-token apply to swift:// destinations")
+    return opts

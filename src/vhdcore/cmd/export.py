@@ -8,7 +8,7 @@ from ..compress import COMPRESSIONS
 from ..export import DEFAULT_DIGESTS, PACKAGES, export
 from ..progress import make_reporter
 from ..upload import parse_destination
-from ._common import add_open_arguments, human, parse_size, print_json
+from ._common import add_open_arguments, add_remote_arguments, human, parse_size, print_json, remote_options
 
 NAME = "export"
 HELP = "package the chain, compress, checksum and write it to a file, swift://container/object or s3://bucket/key"
@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a bar on a terminal (auto), JSON lines on stderr, or nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_open_arguments(p)
+    add_remote_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             sink_options["segment_size"] = args.segment_size
         if args.concurrency:
             sink_options["concurrency"] = args.concurrency
+    sink_options.update(remote_options(args, args.dest))
     manifest = False if args.no_manifest else (args.manifest or True)
     reporter = make_reporter(args.progress, "export", stream=sys.stderr)
     rep = export(args.src, args.dest, package=args.package, compression=args.compress, level=args.level,

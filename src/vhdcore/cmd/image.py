@@ -6,11 +6,12 @@ import sys
 from typing import Any
 
 from ..imaging import image
-from ._common import add_open_arguments, human, print_json
+from ._common import add_open_arguments, add_remote_arguments, human, print_json, remote_options
 from ._progress import add_progress_argument, progress_from_args
 
 NAME = "image"
-HELP = "image a chain: check it, report its growth, coalesce it into its base, export and digest the result"
+HELP = ("image a chain: check it and the destination, report its growth, export and digest it through the chain "
+        "(the chain is only read unless --coalesce-in-place)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,12 +23,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compact", choices=["zero", "quick", "full"], default=None,
                    help="ship a compacted copy: without all-zero blocks (zero), also without blocks the file "
                         "systems mark free (quick), and with free sectors zeroed (full)")
-    p.add_argument("--no-coalesce", dest="coalesce", action="store_false",
-                   help="export through the chain without merging it (the chain is left as it is)")
+    p.add_argument("--coalesce-in-place", action="store_true",
+                   help="after the image was delivered, also merge every layer into the base and delete the "
+                        "layers above it (changes the source chain; by default it is only read)")
+    p.add_argument("--no-coalesce", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
+    p.add_argument("--overwrite", action="store_true", help="replace an existing local destination")
     p.add_argument("--no-growth", dest="analyse", action="store_false", help="skip the growth report")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON at the end")
     add_progress_argument(p)
     add_open_arguments(p)
+    add_remote_arguments(p)
 
 
 def _print_stage(name: str, result: Any) -> None:
@@ -37,6 +42,10 @@ def _print_stage(name: str, result: Any) -> None:
         out.write(f"[preparing] check: {'clean' if result.clean else f'{n} finding(s)'}\n")
         for f in result.findings:
             out.write(f"    {f}\n")
+    elif name == "preflight":
+        need = human(result["needed_bytes"])
+        free = f", {human(result['free_bytes'])} free" if "free_bytes" in result else ""
+        out.write(f"[preparing] destination {result['destination']}: ready for up to {need}{free}\n")
     elif name == "growth":
         d = result.to_dict()
         used = d["used_bytes"]
@@ -62,9 +71,11 @@ def _print_stage(name: str, result: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with progress_from_args(args, "image") as progress:
-        rep = image(args.leaf, args.dest, coalesce=args.coalesce, analyse=args.analyse, package=args.package,
-                    compression=args.compression, level=args.level, compact=args.compact,
-                    parent_dirs=args.parent_dir,
+        if args.coalesce_in_place and args.no_coalesce:
+            raise ValueError("--coalesce-in-place and --no-coalesce contradict each other")
+        rep = image(args.leaf, args.dest, coalesce_in_place=args.coalesce_in_place, analyse=args.analyse,
+                    package=args.package, compression=args.compression, level=args.level, compact=args.compact,
+                    overwrite=args.overwrite, parent_dirs=args.parent_dir, **remote_options(args, args.dest),
                     progress=progress, on_stage=None if args.json else _print_stage)
     if args.json:
         print_json(rep.to_dict())
