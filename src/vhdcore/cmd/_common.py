@@ -5,17 +5,22 @@ import argparse
 import json
 import re
 import sys
+from fractions import Fraction
 from typing import Any
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def parse_size(text: str) -> int:
-    """'40G', '512M', '2M', '1048576' -> bytes (binary units, as qemu-img and Hyper-V use)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    """'40G', '1.5G', '512M', '1048576' -> bytes (binary units, as qemu-img and Hyper-V use; decimals as qemu-img
+    takes them, as long as the result is a whole number of bytes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 40G, 512M, 1048576)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 40G, 1.5G, 512M, 1048576)")
+    n = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]
+    if n.denominator != 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r} is {float(n)} bytes")
+    return int(n)
 
 
 def human(n: int | float) -> str:
@@ -58,3 +63,17 @@ def remote_options(args: argparse.Namespace, dest: str) -> dict[str, Any]:
     if opts and not str(dest).startswith("swift://"):
         raise ValueError("-A/-U/-K/-V/--os-storage-url/--os-auth-token apply to swift:// destinations")
     return opts
+
+
+LEVEL_HELP = ("compression level: gzip 1-9 as gzip -1...-9, mapped onto ISA-L's 0-3 (1 -> 0, 2-4 -> 1, 5-7 -> 2, "
+              "8-9 -> 3; default ISA-L 1); zstd 1-22 (default 3)")
+
+
+def compression_level(dest: str, compression: str, level: int | None) -> int | None:
+    """``--level`` as the user means it: gzip's 1-9 become the ISA-L level that stands for them."""
+    from ..compress import isal_level
+    from ..export import compression_for
+
+    if level is not None and compression_for(dest, compression) == "gzip":
+        return isal_level(level)
+    return level

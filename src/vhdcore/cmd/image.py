@@ -6,7 +6,8 @@ import sys
 from typing import Any
 
 from ..imaging import image
-from ._common import add_open_arguments, add_remote_arguments, human, print_json, remote_options
+from ._common import (LEVEL_HELP, add_open_arguments, add_remote_arguments, compression_level, human, print_json,
+                      remote_options)
 from ._progress import add_progress_argument, progress_from_args
 
 NAME = "image"
@@ -19,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", help="local path, swift://container/object or s3://bucket/key")
     p.add_argument("--package", choices=["vhd", "fixed", "chain-tar", "raw"], default="vhd")
     p.add_argument("--compress", dest="compression", choices=["auto", "gzip", "zstd", "none"], default="auto")
-    p.add_argument("--level", type=int, default=None)
+    p.add_argument("--level", type=int, default=None, help=LEVEL_HELP)
     p.add_argument("--compact", choices=["zero", "quick", "full"], default=None,
                    help="ship a compacted copy: without all-zero blocks (zero), also without blocks the file "
                         "systems mark free (quick), and with free sectors zeroed (full)")
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         if args.coalesce_in_place and args.no_coalesce:
             raise ValueError("--coalesce-in-place and --no-coalesce contradict each other")
         rep = image(args.leaf, args.dest, coalesce_in_place=args.coalesce_in_place, analyse=args.analyse,
-                    package=args.package, compression=args.compression, level=args.level, compact=args.compact,
+                    package=args.package, compression=args.compression,
+                    level=compression_level(args.dest, args.compression, args.level), compact=args.compact,
                     overwrite=args.overwrite, parent_dirs=args.parent_dir, **remote_options(args, args.dest),
                     progress=progress, on_stage=None if args.json else _print_stage)
     if args.json:
