@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .exceptions import VHDError
-from .progress import ProgressCallback, TaskState, as_progress
+from .progress import ProgressCallback, Stages, TaskState, as_progress
 
 
 @dataclass
@@ -41,14 +41,9 @@ class CheckFailedError(VHDError):
     """The chain has findings severe enough that imaging it would ship a broken disk."""
 
 
-def _stage(progress: ProgressCallback, state: TaskState) -> Callable[..., None]:
-    """A progress callback for one stage that tags every update with the task state."""
-
-    def cb(done: int, total: int | None = None, **info: Any) -> None:
-        info.pop("state", None)
-        progress(done, total, state=state, **info)
-
-    return cb
+# Each stage's share of the whole job, for the percentage and ETA a user sees: roughly the bytes each moves
+# relative to the export (check and preflight read metadata only; growth reads the file systems' bitmaps).
+STAGE_WEIGHTS = {"check": 2, "preflight": 1, "growth": 10, "compact": 60, "export": 100, "coalesce": 50}
 
 
 def _preflight(leaf: str, dest: str, *, package: str, compression: str, overwrite: bool,
@@ -107,14 +102,18 @@ def image(
     from .export import export as do_export
     from .growth import growth as do_growth
 
-    prog = as_progress(progress)
     leaf = os.fspath(leaf)
     dest = os.fspath(dest)
     seconds: dict[str, float] = {}
     warnings: list[str] = []
+    remote = "://" in dest and not dest.startswith("file://")
+    wanted = {"check", "preflight", "export"} | ({"growth"} if analyse else set()) | (
+        {"compact"} if compact else set()) | ({"coalesce"} if coalesce_in_place else set())
+    stages = Stages(progress, {k: w for k, w in STAGE_WEIGHTS.items() if k in wanted})
+    prog = as_progress(progress)
 
     t = time.monotonic()
-    prog(0, None, state=TaskState.PREPARING)
+    stages.stage("check", TaskState.PREPARING)(0, None)
     chk = do_check(leaf, chain=True, parent_dirs=parent_dirs)
     seconds["check"] = round(time.monotonic() - t, 3)
     if on_stage:
@@ -126,6 +125,7 @@ def image(
                                path=first.path, offset=first.offset, field=first.field)
 
     t = time.monotonic()
+    stages.stage("preflight", TaskState.PREPARING)(0, None)
     pre = _preflight(leaf, dest, package=package, compression=compression, overwrite=overwrite,
                      parent_dirs=parent_dirs, export_options=export_options)
     seconds["preflight"] = round(time.monotonic() - t, 3)
@@ -135,7 +135,7 @@ def image(
     gr = None
     if analyse:
         t = time.monotonic()
-        gr = do_growth(leaf, parent_dirs=parent_dirs)
+        gr = do_growth(leaf, parent_dirs=parent_dirs, progress=stages.stage("growth", TaskState.PREPARING))
         seconds["growth"] = round(time.monotonic() - t, 3)
         if on_stage:
             on_stage("growth", gr)
@@ -151,7 +151,7 @@ def image(
         os.close(fd)
         os.unlink(compacted)
         cr = do_compact(leaf, compacted, mode=compact, parent_dirs=parent_dirs,
-                        progress=_stage(prog, TaskState.PREPARING))
+                        progress=stages.stage("compact", TaskState.PREPARING))
         seconds["compact"] = round(time.monotonic() - t, 3)
         warnings.extend(getattr(cr, "warnings", []) or [])
         if on_stage:
@@ -159,13 +159,13 @@ def image(
         source = compacted
 
     t = time.monotonic()
-    remote = "://" in dest and not dest.startswith("file://")
     if not remote:
         export_options.setdefault("overwrite", overwrite)  # preflight applied the rule; the sink replaces
     try:
         ex = do_export(source, dest, package=package, compression=compression, level=level,
                        parent_dirs=parent_dirs,
-                       progress=_stage(prog, TaskState.UPLOADING if remote else TaskState.SAVING), **export_options)
+                       progress=stages.stage("export", TaskState.UPLOADING if remote else TaskState.SAVING),
+                       **export_options)
     finally:
         if compacted is not None and os.path.exists(compacted):
             os.unlink(compacted)
@@ -184,12 +184,12 @@ def image(
         if depth > 1:
             t = time.monotonic()
             co = do_coalesce(leaf, into=base, remove_child=True, parent_dirs=parent_dirs,
-                             progress=_stage(prog, TaskState.COALESCING))
+                             progress=stages.stage("coalesce", TaskState.COALESCING))
             seconds["coalesce"] = round(time.monotonic() - t, 3)
             warnings.extend(co.warnings)
             if on_stage:
                 on_stage("coalesce", co)
-    prog(1, 1, state=TaskState.COMPLETE)
+    prog(0, None, state=TaskState.COMPLETE)  # for callers that follow the states; a CLI reporter's finish() ends
     return ImagingReport(
         source=leaf, destination=dest, check=chk.to_dict(), growth=gr.to_dict() if gr else None,
         coalesce=co.to_dict() if co else None, compact=cr.to_dict() if cr else None, export=ex.to_dict(),

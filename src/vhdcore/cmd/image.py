@@ -70,6 +70,18 @@ def _print_stage(name: str, result: Any) -> None:
     out.flush()
 
 
+def _stage_printer(progress: Any) -> Any:
+    """Print a stage's result below the stage's final bar line, never onto a bar being drawn."""
+    end_stage = getattr(progress, "end_stage", None)
+
+    def on_stage(name: str, result: Any) -> None:
+        if end_stage is not None:
+            end_stage()
+        _print_stage(name, result)
+
+    return on_stage
+
+
 def run(args: argparse.Namespace) -> int:
     with progress_from_args(args, "image") as progress:
         if args.coalesce_in_place and args.no_coalesce:
@@ -78,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                     package=args.package, compression=args.compression,
                     level=compression_level(args.dest, args.compression, args.level), compact=args.compact,
                     overwrite=args.overwrite, parent_dirs=args.parent_dir, **remote_options(args, args.dest),
-                    progress=progress, on_stage=None if args.json else _print_stage)
+                    progress=progress, on_stage=None if args.json else _stage_printer(progress))
     if args.json:
         print_json(rep.to_dict())
     else:

@@ -9,7 +9,7 @@ import sys
 from ..contentcheck import verify
 from ..exceptions import VHDError
 from ..export import MANIFEST_SUFFIX
-from ..progress import make_reporter
+from ._progress import add_progress_argument, progress_from_args
 from ._common import add_open_arguments, add_remote_arguments, parse_size, print_json, remote_options
 
 NAME = "verify"
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=parse_size, default=None,
                    help="comparison block when no manifest is involved (default 2M)")
     p.add_argument("--tmp-dir", default=None, help="where a chain-tar is extracted (default the system's)")
-    p.add_argument("--progress", choices=["auto", "bar", "json", "none"], default="auto")
+    add_progress_argument(p)
     p.add_argument("--json", action="store_true")
     add_open_arguments(p)
     add_remote_arguments(p)
@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_COULD_NOT_VERIFY
     try:
-        rep = verify(args.target, src, block_size=args.block_size, parent_dirs=args.parent_dir,
-                     strict=not args.ignore_checksums, tmp_dir=args.tmp_dir,
-                     progress=make_reporter(args.progress, "verify", stream=sys.stderr),
-                     **remote_options(args, args.target if args.target.startswith("swift://") else src))
+        with progress_from_args(args, "verify") as progress:
+            rep = verify(args.target, src, block_size=args.block_size, parent_dirs=args.parent_dir,
+                         strict=not args.ignore_checksums, tmp_dir=args.tmp_dir, progress=progress,
+                         **remote_options(args, args.target if args.target.startswith("swift://") else src))
     except (OSError, ValueError, VHDError) as e:
         print(f"vhdcore verify: could not verify: {e}", file=sys.stderr)
         return EXIT_COULD_NOT_VERIFY
