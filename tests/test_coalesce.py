@@ -592,10 +592,10 @@ def test_cli_json(tmp_path, capsys) -> None:
     parent, child, model = layered_chain(tmp_path, target="differencing")
     assert cli.main(["coalesce", str(child), "--verify", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("blocks_copied", "bytes_copied", "blocks_allocated", "target_growth", "shadowed_bytes",
-                "shadowed_sectors", "seconds", "throughput_mb_s", "verify_seconds", "zero_blocks_skipped"):
+    for key in ("blocks_copied", "bytes_copied", "blocks_allocated", "destination_growth", "shadowed_bytes",
+                "shadowed_sectors", "seconds", "throughput", "verify_seconds", "zero_blocks_skipped"):
         assert key in out
-    assert out["verified"] is True and out["target"] == str(parent)
+    assert out["verified"] is True and out["destination"] == str(parent) and out["source"] == str(child)
     assert content(parent) == model
 
 

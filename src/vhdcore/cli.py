@@ -41,6 +41,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _report(args: argparse.Namespace, e: BaseException) -> None:
+    """One line on stderr; with --json also the error object (docs/json.md) on stdout."""
+    print(f"vhdcore {args.command}: error: {e}", file=sys.stderr)
+    if getattr(args, "json", False):
+        from .cmd._common import print_json_error
+
+        try:
+            print_json_error(e)
+        except BrokenPipeError:
+            pass
+
+
 def _broken_pipe() -> int:
     """The reader went away (``| head``): end quietly with the status a process killed by SIGPIPE has (141),
     and keep Python from complaining about the unflushed stdout at exit."""
@@ -77,12 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VHDError as e:
         if debug:
             raise
-        print(f"vhdcore {args.command}: error: {e}", file=sys.stderr)
+        _report(args, e)
         return getattr(e, "exit_status", EXIT_ERROR)
     except (OSError, ValueError) as e:
         if debug:
             raise
-        print(f"vhdcore {args.command}: error: {e}", file=sys.stderr)
+        _report(args, e)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"vhdcore {args.command}: interrupted", file=sys.stderr)

@@ -129,10 +129,14 @@ class CoalesceReport:
         return self.bytes_copied / merge if merge > 0 else 0.0
 
     def to_dict(self) -> dict:
+        """The JSON form (docs/json.md): the child is the ``source``, the target the ``destination``."""
         d = asdict(self)
         d.update(target_growth=self.target_growth, shadowed_bytes=self.shadowed_bytes,
-                 throughput_mb_s=round(self.throughput / 1e6, 1))
-        return d
+                 throughput=round(self.throughput))
+        out = {"source": d.pop("child"), "destination": d.pop("target")}
+        for k, v in d.items():
+            out[k.replace("target_", "destination_", 1) if k.startswith("target_") else k] = v
+        return out
 
 
 # --------------------------------------------------------------------------------------------- helpers

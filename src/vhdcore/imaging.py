@@ -34,7 +34,8 @@ class ImagingReport:
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "destination": self.destination, "check": self.check,
                 "growth": self.growth, "coalesce": self.coalesce, "compact": self.compact, "export": self.export,
-                "seconds": self.seconds, "warnings": self.warnings}
+                "seconds": round(sum(self.seconds.values()), 3), "stage_seconds": self.seconds,
+                "warnings": self.warnings}
 
 
 class CheckFailedError(VHDError):

@@ -56,7 +56,7 @@ def _print_stage(name: str, result: Any) -> None:
                   f"{d['imaging_estimate_seconds']['after_compaction'] / 60:.1f} min after compaction\n")
     elif name == "coalesce":
         d = result.to_dict()
-        out.write(f"[coalescing] merged {human(d.get('bytes_copied', 0))} into {d.get('target', '?')}"
+        out.write(f"[coalescing] merged {human(d.get('bytes_copied', 0))} into {d.get('destination', '?')}"
                   f" in {d.get('seconds', 0):.2f} s\n")
     elif name == "compact":
         d = result.to_dict()

@@ -3,6 +3,7 @@ Exit 0 = same content, 1 = they differ (the first differing offset is printed), 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -10,7 +11,8 @@ from ..contentcheck import verify
 from ..exceptions import VHDError
 from ..export import MANIFEST_SUFFIX
 from ._progress import add_progress_argument, progress_from_args
-from ._common import add_open_arguments, add_remote_arguments, parse_size, print_json, remote_options
+from ._common import (add_open_arguments, add_remote_arguments, parse_size, print_json, print_json_error,
+                      remote_options)
 
 NAME = "verify"
 HELP = ("check that DEST-OR-FILE (an export, compressed or not, local or swift:// s3://, or its .xxh3.json manifest) "
@@ -40,8 +42,10 @@ def run(args: argparse.Namespace) -> int:
     if src is None:
         src = args.target + MANIFEST_SUFFIX
         if "://" not in src and not os.path.exists(src):
-            print(f"vhdcore verify: could not verify: no SRC given and no manifest beside {args.target} ({src})",
-                  file=sys.stderr)
+            msg = f"no SRC given and no manifest beside {args.target} ({src})"
+            print(f"vhdcore verify: could not verify: {msg}", file=sys.stderr)
+            if args.json:
+                print_json_error(FileNotFoundError(errno.ENOENT, msg, src))
             return EXIT_COULD_NOT_VERIFY
     try:
         with progress_from_args(args, "verify") as progress:
@@ -50,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
                          **remote_options(args, args.target if args.target.startswith("swift://") else src))
     except (OSError, ValueError, VHDError) as e:
         print(f"vhdcore verify: could not verify: {e}", file=sys.stderr)
+        if args.json:
+            print_json_error(e)
         return EXIT_COULD_NOT_VERIFY
     if args.json:
         print_json(rep.to_dict())
