@@ -166,3 +166,15 @@ def test_killed_in_place_merge_before_its_first_write_chain_unchanged(chain: lis
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert _hashes(chain) == before
     assert disk_sha256(tmp_path / "img.vhd") == disk_sha256(chain[-1])
+
+
+@pytest.mark.backend_independent
+def test_worst_case_counts_proven_zeros_only_when_compressed() -> None:
+    from vhdcore.upload.preflight import worst_case_output
+
+    T = 1 << 40
+    sparse = worst_case_output(2 * T, "zstd", known_zero=2 * T - MiB)
+    assert 2 * T // 1000 < sparse < 3 * 1024 * MiB  # a mostly empty 2 TB fixed package, compressed
+    assert worst_case_output(2 * T, "none", known_zero=2 * T) > 2 * T  # written as it is: every byte
+    full = worst_case_output(100 * MiB, "gzip")
+    assert 100 * MiB + 100 * MiB // 128 < full < 102 * MiB

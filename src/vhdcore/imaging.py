@@ -59,9 +59,10 @@ def _preflight(leaf: str, dest: str, *, package: str, compression: str, overwrit
     with open_chain(leaf, "r", parent_dirs) as disk:
         sources = [img.path for img in disk.layers]
         # zero_scan off: the package as large as it can be, and no read of the data for a number
-        size = open_package(package, disk, None, zero_scan=False).size
+        pkg = open_package(package, disk, None, zero_scan=False)
+        size, zero = pkg.size, sum(n for _, n in getattr(pkg, "zero_ranges", ()))
     manifest = export_options.get("manifest", True) is not False
-    needed = worst_case_output(size, kind, manifest)
+    needed = worst_case_output(size, kind, manifest, known_zero=zero)
     # what export() does not take itself goes to the sink: the same credentials and options the upload will use
     own = set(inspect.signature(do_export).parameters)
     sink_options = {k: v for k, v in export_options.items() if k not in own}
