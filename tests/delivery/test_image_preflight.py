@@ -109,3 +109,17 @@ def test_keystone_variables_reach_swiftclient(monkeypatch: pytest.MonkeyPatch) -
     from swiftclient import client as sc
 
     sc.Connection(**a)  # every argument is one swiftclient's Connection takes
+
+
+def test_s3_bad_credentials_and_missing_bucket(swift_server: SwiftServer, chain: list[Path]) -> None:
+    """The same preflight through Swift's S3 API, with the real boto3 client the upload uses."""
+    before = _hashes(chain)
+    s3 = dict(endpoint_url=swift_server.s3_endpoint, region="us-east-1", access_key=swift_server.user)
+    with pytest.raises(UploadError) as ei:
+        image(chain[-1], "s3://pre-s3/img.vhd", analyse=False, coalesce_in_place=True, secret_key="wrong", **s3)
+    assert ei.value.field == "auth", str(ei.value)
+    with pytest.raises(UploadError) as ei:
+        image(chain[-1], "s3://pre-s3-missing/img.vhd", analyse=False, coalesce_in_place=True,
+              secret_key=swift_server.key, **s3)
+    assert ei.value.field == "bucket" and "does not exist" in str(ei.value)
+    assert _hashes(chain) == before
