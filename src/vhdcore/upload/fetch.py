@@ -56,13 +56,11 @@ class _IterStream(io.RawIOBase):
 def _swift(container: str, name: str, url: str, opts: dict[str, Any]) -> IO[bytes]:
     from swiftclient import client as sc
 
+    from .swift import swift_auth
+
     conn = sc.Connection(
-        authurl=opts.get("auth_url") or os.environ.get("ST_AUTH"),
-        user=opts.get("user") or os.environ.get("ST_USER"),
-        key=opts.get("key") or os.environ.get("ST_KEY"),
-        preauthurl=opts.get("storage_url") or os.environ.get("OS_STORAGE_URL"),
-        preauthtoken=opts.get("auth_token") or os.environ.get("OS_AUTH_TOKEN"),
-        auth_version=opts.get("auth_version", "1.0"),
+        **swift_auth(opts.get("auth_url"), opts.get("user"), opts.get("key"), opts.get("storage_url"),
+                     opts.get("auth_token"), opts.get("auth_version"), opts.get("os_options")),
         timeout=opts.get("timeout", 60.0),
         insecure=opts.get("insecure", False),
     )
