@@ -12,14 +12,20 @@
   is not carried past the larger table); vhdcore's result passes ``vhd-util check``. The timings compare work
   done, not equally correct results.
 
-Measured (2 shared cores, page cache warm, ext4 on virtio; min of 3 rounds; ``pytest benchmarks/bench_ops.py``
-on 2026-12-06):
+Measured on 2026-12-06 (2 cores shared with other engineers: load average 4-5 during the runs, so absolute
+times swing by 2x between runs; the ratios are within one run; min of 3 rounds, page cache warm, ext4 on virtio):
 
-    import       vhdcore 1057 ms   qemu-img -t writeback 1557 ms   vhdcore 1.47x faster (1016 vs 690 MB/s of data)
-    compare      vhdcore 1475 ms   qemu-img compare        476 ms   vhdcore 3.1x SLOWER: 1 MiB memoryview
-                 comparisons (``pa != pb``) run at ~1 GB/s, element by element; see the next commit
-    resize       vhdcore   16 ms in process, 289 ms as a CLI process (Python start-up and imports);
-                 vhd-util resize -j 57 ms: in process 3.6x faster, as a process 5x slower
+    first run, before the bytes_equal kernel:
+    import   vhdcore 1057 ms   qemu-img -t writeback 1557 ms   vhdcore 1.47x faster
+    compare  vhdcore 1475 ms   qemu-img compare        476 ms   vhdcore 3.1x slower: the 1 MiB chunks were compared
+             as memoryviews (``pa != pb``), element by element at ~1 GB/s
+    resize   vhdcore   16 ms in process, 289 ms as a CLI process; vhd-util resize -j 57 ms
+    with bytes_equal (memcmp without the GIL), two runs:
+    import   vhdcore 1038 / 1358 ms   qemu-img 3192 / 3886 ms   vhdcore 3.1x / 2.9x faster
+    compare  vhdcore  801 /  905 ms   qemu-img  445 /  595 ms   vhdcore 0.56x / 0.66x (1.5-1.8x slower): what
+             remains is mostly preadv copying 2 GiB out of the page cache in one thread (cProfile: 0.35 of 0.48 s)
+    resize   vhdcore   72 /   45 ms in process, 529 / 727 ms as a CLI process (Python start-up and imports);
+             vhd-util 88 / 157 ms: in process 1.2x / 3.5x faster, as a process 4-6x slower
 """
 from __future__ import annotations
 

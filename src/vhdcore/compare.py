@@ -123,7 +123,7 @@ def compare_disks(da: Disk, db: Disk, progress: ProgressFn | None = None) -> tup
                     _read(ea, pos, pa)
                     _read(eb, pos, pb)
                     read += 2 * n
-                    if pa != pb:
+                    if not K.bytes_equal(pa, pb):
                         return pos + _first_diff(pa, pb), read
                 pos += n
                 if progress:

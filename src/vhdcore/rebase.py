@@ -316,7 +316,7 @@ def _copy_phase(child: Disk, new: Disk, io: WriteIO, progress: ProgressFn | None
                     _read(ea, pos, pa)
                     _read(eb, pos, pb)
                     compared += 2 * n
-                    runs = () if pa == pb else _differing_sectors(pa, pb)
+                    runs = () if K.bytes_equal(pa, pb) else _differing_sectors(pa, pb)
                 for s, e in runs:
                     cw.put(pos + s, pa[s:e])
                 pos += n
