@@ -281,6 +281,20 @@ def test_is_zero_buffer_kinds_and_unaligned(K: ModuleType) -> None:
     assert not K.is_zero(memoryview(base.tobytes())[3:])
 
 
+# ------------------------------------------------------------------------------------ bytes_equal
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 511, 512, 4096 + 3])
+def test_bytes_equal_every_position_class(K: ModuleType, n: int) -> None:
+    rnd = np.random.default_rng(n)
+    a = rnd.integers(0, 256, n + 3, dtype=np.uint8)[3:]  # unaligned data pointer
+    assert K.bytes_equal(a, a.tobytes()) is True
+    assert K.bytes_equal(memoryview(a.tobytes()), bytearray(a.tobytes())) is True
+    for p in sorted({p for p in (0, 1, 7, 8, n // 2, n - 9, n - 8, n - 1) if 0 <= p < n}):
+        b = bytearray(a.tobytes())
+        b[p] ^= 0x01
+        assert K.bytes_equal(a, b) is False, p
+    assert K.bytes_equal(a, a.tobytes() + b"\0") is False  # lengths differ
+
+
 # ------------------------------------------------------------------------------------ sector_zero_mask
 def test_sector_zero_mask_known_answer(K: ModuleType) -> None:
     buf = bytearray(10 * 512)
@@ -629,6 +643,7 @@ def _gil_cases():
     rng = np.random.default_rng(3)
     big = np.zeros(32 * MiB, np.uint8)
     big[:] = 0  # touch the pages so every call reads real memory
+    twin = big.copy()
     data = rng.integers(0, 256, 32 * MiB, dtype=np.uint8)
     bitmap = np.zeros(4 * MiB, np.uint8)
     ones = np.full(32 * MiB // 512 // 8, 0xFF, np.uint8)
@@ -637,6 +652,7 @@ def _gil_cases():
     counts = np.zeros(len(data) * 8 // 4096, np.uint32)
     return {
         "is_zero": lambda K: K.is_zero(big),
+        "bytes_equal": lambda K: K.bytes_equal(big, twin),  # equal: memcmp runs to the end
         "sector_zero_mask": lambda K: K.sector_zero_mask(big, bytearray(len(big) // 512 // 8)),
         "merge_block": lambda K: K.merge_block(dst, data, ones),
         "bitmap_runs": lambda K: K.bitmap_runs(bitmap, 0, len(bitmap) * 8),

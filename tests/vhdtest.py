@@ -69,3 +69,26 @@ def qemu_raw(vhd: os.PathLike | str, out: os.PathLike | str) -> Path:
     """qemu-img's view of a fixed or dynamic VHD as a raw file (qemu ignores differencing parents)."""
     run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, out])
     return Path(out)
+
+
+def vhd_util_path() -> str | None:
+    """libvhd's vhd-util, from the VHD_UTIL environment variable (.ci/run sets it when the tool exists)."""
+    p = os.environ.get("VHD_UTIL")
+    return p if p and os.access(p, os.X_OK) else None
+
+
+def vhd_util(*args: object, check: bool = True) -> subprocess.CompletedProcess:
+    """Run vhd-util (tests using it skip first through ``needs_vhd_util``)."""
+    return subprocess.run([vhd_util_path(), *map(str, args)], check=check, capture_output=True, text=True)
+
+
+def vhd_util_read(path: os.PathLike | str, size: int) -> bytes:
+    """The virtual disk through libvhd's ``read -r`` (raw bytes through the chain; dynamic/differencing only)."""
+    out = bytearray()
+    step = 2048  # sectors per call: vhd-util read fails on larger counts
+    for sec in range(0, size // 512, step):
+        n = min(step, size // 512 - sec)
+        out += subprocess.run([vhd_util_path(), "read", "-n", str(path), "-r", str(sec), "-c", str(n)], check=True,
+                              capture_output=True).stdout
+    assert len(out) == size, f"vhd-util read gave {len(out)} bytes, expected {size}"
+    return bytes(out)

@@ -12,7 +12,7 @@ most-significant-bit first and ``clz`` finds the first hit; an LSB-first window 
 stream order is least-significant-bit first and ``ctz`` finds it.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 from libc.stdlib cimport malloc, realloc, free, qsort
 
 CYTHON_MODULE = True
@@ -419,6 +419,21 @@ def is_zero(const uint8_t[::1] buf):
     with nogil:
         r = _all_zero(p, n)
     return r
+
+
+def bytes_equal(const uint8_t[::1] a, const uint8_t[::1] b):
+    """True if ``a`` and ``b`` hold the same bytes (buffers of different lengths are not equal)."""
+    cdef Py_ssize_t n = a.shape[0]
+    if n != b.shape[0]:
+        return False
+    if n == 0:
+        return True
+    cdef int r
+    cdef const uint8_t* pa = &a[0]
+    cdef const uint8_t* pb = &b[0]
+    with nogil:
+        r = memcmp(pa, pb, <size_t>n)
+    return r == 0
 
 
 def sector_zero_mask(const uint8_t[::1] buf, uint8_t[::1] out, Py_ssize_t sector_size=512):

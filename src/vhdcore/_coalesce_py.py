@@ -167,6 +167,18 @@ def is_zero(buf) -> bool:
     return not a[n8:].any()
 
 
+def bytes_equal(a, b) -> bool:
+    """True if ``a`` and ``b`` hold the same bytes (buffers of different lengths are not equal)."""
+    x, y = _u8_in(a), _u8_in(b)
+    if len(x) != len(y):
+        return False
+    n8 = len(x) & ~7
+    # Eight bytes per element where the length allows (a memoryview comparison goes byte by byte in Python).
+    if n8 and not np.array_equal(x[:n8].view(np.uint64), y[:n8].view(np.uint64)):
+        return False
+    return bool(np.array_equal(x[n8:], y[n8:]))
+
+
 def sector_zero_mask(buf, out, sector_size: int = 512) -> int:
     """Bit i of ``out`` (MSB-first) := sector i of ``buf`` is all zero; returns the number of zero sectors.
 

@@ -12,10 +12,11 @@ import warnings
 from types import ModuleType
 
 __all__ = ["BACKEND", "load_backend", "bitmap_runs", "bitmap_count", "bitmap_set_range", "bitmap_or",
-           "bitmap_andnot", "is_zero", "sector_zero_mask", "merge_block", "scan_bat", "count_runs_in_blocks"]
+           "bitmap_andnot", "is_zero", "bytes_equal", "sector_zero_mask", "merge_block", "scan_bat",
+           "count_runs_in_blocks"]
 
 KERNELS = ("bitmap_runs", "bitmap_count", "bitmap_set_range", "bitmap_or", "bitmap_andnot", "is_zero",
-           "sector_zero_mask", "merge_block", "scan_bat", "count_runs_in_blocks")
+           "bytes_equal", "sector_zero_mask", "merge_block", "scan_bat", "count_runs_in_blocks")
 
 _MODULES = {"cython": "vhdcore._coalesce", "python": "vhdcore._coalesce_py"}
 
@@ -53,6 +54,7 @@ bitmap_set_range = _impl.bitmap_set_range
 bitmap_or = _impl.bitmap_or
 bitmap_andnot = _impl.bitmap_andnot
 is_zero = _impl.is_zero
+bytes_equal = _impl.bytes_equal
 sector_zero_mask = _impl.sector_zero_mask
 merge_block = _impl.merge_block
 scan_bat = _impl.scan_bat

@@ -53,14 +53,27 @@ def data_blocks(disk: Disk, block_size: int) -> Iterator[int]:
         last = max(last, end)
 
 
+def _open_source(src, source_format: str, parent_dirs, strict: bool):
+    """The chain ending at ``src``, or (``raw``, or ``auto`` and no VHD footer) a raw image: rawimport.RawDisk."""
+    if source_format not in ("auto", "vhd", "raw"):
+        raise ValueError(f"source format must be auto, vhd or raw, not {source_format!r}")
+    if source_format != "vhd":
+        from .rawimport import RawDisk, looks_like_vhd
+
+        if source_format == "raw" or not looks_like_vhd(src):
+            return RawDisk(src)
+    return open_chain(src, "r", parent_dirs, strict=strict)
+
+
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = "dynamic", *,
             block_size: int | None = None, parent_dirs: Sequence[str] | None = None,
-            progress: ProgressFn | None = None, strict: bool = True) -> ConvertReport:
+            progress: ProgressFn | None = None, strict: bool = True, source_format: str = "vhd") -> ConvertReport:
+    """``source_format``: "vhd" (a chain), "raw" (a raw image or block device), "auto" (raw without a footer)."""
     if to not in ("raw", "fixed", "dynamic"):
         raise ValueError(f"'to' must be raw, fixed or dynamic, not {to!r}")
     t0 = time.perf_counter()
     dst = os.fspath(dst)
-    with open_chain(src, "r", parent_dirs, strict=strict) as disk:
+    with _open_source(src, source_format, parent_dirs, strict) as disk:
         if to == "dynamic":
             rep = _to_dynamic(disk, dst, block_size or disk.leaf.block_size or DEFAULT_BLOCK_SIZE, progress)
         else:

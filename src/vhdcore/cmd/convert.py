@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", choices=["raw", "fixed", "dynamic"], required=True)
+    p.add_argument("--from", dest="source_format", choices=["auto", "vhd", "raw"], default="auto",
+                   help="source: a VHD chain, or a raw image/block device (auto: raw when it has no VHD footer)")
     p.add_argument("--block-size", type=parse_size, default=None, help="dynamic output: default the source's")
     p.add_argument("--json", action="store_true")
     add_progress_argument(p)
@@ -24,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     with progress_from_args(args, "convert") as progress:
         rep = convert(args.src, args.dst, to=args.to, block_size=args.block_size, parent_dirs=args.parent_dir,
-                      progress=progress, strict=not args.ignore_checksums)
+                      progress=progress, strict=not args.ignore_checksums, source_format=args.source_format)
     if args.json:
         print_json(rep.to_dict())
     else:
