@@ -42,3 +42,45 @@ def test_ignore_checksums_keeps_the_bat_overlap_check(tmp_path) -> None:
         with pytest.raises(vhdcore.VHDError, match="overlap"):
             coalesce(child, strict=strict)
     assert {p: file_sha256(p) for p in paths} == before
+
+
+# --------------------------------------------------------------------------------------------- 6. object URLs
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("url", [
+    "swift://images/../backups/important.vhd", "swift://../x.vhd", "swift://images/a/%2F..%2Fb.vhd",
+    "swift://images/%2e%2e/backups/x.vhd", "swift://images/a//b.vhd", "swift://images/./x.vhd",
+    "swift://images/x.vhd/", "swift://images/a%2fb.vhd", "swift://images/" + "n" * 1025, "swift://" + "c" * 257 + "/x",
+    "swift://images/a\x00b", "s3://bucket/../x.vhd", "s3://Bad_Bucket/x.vhd", "s3://bucket/%2F..%2Fx",
+    "s3://b/x.vhd", "s3://bucket/", "swift://./x.vhd",
+])
+def test_hostile_object_urls_refused_before_any_request(url, monkeypatch, capsys) -> None:
+    from vhdcore.upload import ObjectNameError, open_sink, parse_destination
+    from vhdcore.upload.s3 import S3Sink
+    from vhdcore.upload.swift import SwiftSink
+
+    def no_request(*a, **k):
+        raise AssertionError("a request was made")
+
+    monkeypatch.setattr(SwiftSink, "_conn", no_request)
+    monkeypatch.setattr(S3Sink, "_ensure_bucket", no_request)
+    monkeypatch.setenv("ST_AUTH", "http://127.0.0.1:9/auth/v1.0")
+    monkeypatch.setenv("ST_USER", "u")
+    monkeypatch.setenv("ST_KEY", "k")
+    with pytest.raises(ValueError):
+        parse_destination(url)
+    with pytest.raises(ValueError):
+        open_sink(url, client=object()) if url.startswith("s3") else open_sink(url)
+    if "%" not in url and url.count("://") == 1 and "/" in url.split("://", 1)[1]:
+        container, _, name = url.split("://", 1)[1].partition("/")
+        cls = S3Sink if url.startswith("s3") else SwiftSink
+        with pytest.raises(ObjectNameError):
+            cls(container, name, client=object()) if cls is S3Sink else cls(container, name)
+
+
+@pytest.mark.backend_independent
+def test_ordinary_object_urls_still_parse() -> None:
+    from vhdcore.upload import parse_destination
+    assert parse_destination("swift://images/srv1/disk%20a.vhd") == ("swift", "images", "srv1/disk a.vhd")
+    assert parse_destination("s3://my-bucket.x/a/b.vhd.zst") == ("s3", "my-bucket.x", "a/b.vhd.zst")
