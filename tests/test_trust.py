@@ -84,3 +84,35 @@ def test_ordinary_object_urls_still_parse() -> None:
     from vhdcore.upload import parse_destination
     assert parse_destination("swift://images/srv1/disk%20a.vhd") == ("swift", "images", "srv1/disk a.vhd")
     assert parse_destination("s3://my-bucket.x/a/b.vhd.zst") == ("s3", "my-bucket.x", "a/b.vhd.zst")
+
+
+# --------------------------------------------------------------------------------------------- 9. undo files
+
+
+@pytest.mark.backend_independent
+def test_an_undo_file_refuses_another_disk(tmp_path) -> None:
+    from hostile import build as B
+    from vhdcore.exceptions import UnsafeOperationError
+    from vhdcore.repair import repair, undo
+
+    a = B.build(tmp_path / "a.vhd", blocks=(1,))
+    b = B.build(tmp_path / "b.vhd", blocks=(1, 2))
+    for lay, junk in ((a, b"a" * 100_000), (b, b"b" * 3000)):
+        with open(lay.path, "ab") as f:
+            f.write(junk)
+    a_before = file_sha256(a.path)
+    rep_a = repair(a.path)
+    repair(b.path)
+    b_repaired = file_sha256(b.path)
+    with pytest.raises(UnsafeOperationError, match="another disk"):
+        undo(rep_a.undo_path, b.path)  # was: cut b to a's length and wrote a's bytes into it
+    assert file_sha256(b.path) == b_repaired
+    # The same disk grown since the repair (a writer appended a block): refused too, nothing written.
+    size = os.path.getsize(a.path)
+    with open(a.path, "ab") as f:
+        f.write(b"x" * 512)
+    with pytest.raises(UnsafeOperationError, match="changed since"):
+        undo(rep_a.undo_path, a.path)
+    os.truncate(a.path, size)
+    undo(rep_a.undo_path, a.path)
+    assert file_sha256(a.path) == a_before
