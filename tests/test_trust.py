@@ -116,3 +116,103 @@ def test_an_undo_file_refuses_another_disk(tmp_path) -> None:
     os.truncate(a.path, size)
     undo(rep_a.undo_path, a.path)
     assert file_sha256(a.path) == a_before
+
+
+# --------------------------------------------------------------------------------------------- 4. temp names
+
+
+@pytest.mark.backend_independent
+def test_planted_symlinks_for_the_manifest_temp_name_are_never_followed(tmp_path) -> None:
+    from vhdcore.destination import DestinationError
+    from vhdcore.export import export
+
+    (tmp_path / "chain").mkdir()
+    (tmp_path / "out").mkdir()
+    paths, _ = build_chain(tmp_path / "chain", 2, size=2 * MiB, block_size=512 * 1024, writes=5, seed=4)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    dest = tmp_path / "out" / "d.vhd"
+    # The old name was DEST.xxh3.json.tmp-<pid>: plant links for the next pids (and ours).
+    for pid in range(os.getpid(), os.getpid() + 200):
+        os.symlink(victim, f"{dest}.xxh3.json.tmp-{pid}")
+    rep = export(paths[-1], dest, fsync=False)
+    assert victim.read_bytes() == b"precious"
+    assert os.path.isfile(rep.manifest_path) and not os.path.islink(rep.manifest_path)
+    # --manifest naming a disk of the chain is refused whatever --overwrite says, before anything is written.
+    before = file_sha256(paths[0])
+    for overwrite, why in ((False, "exists"), (True, "file of the source chain")):
+        with pytest.raises(DestinationError, match=why):
+            export(paths[-1], tmp_path / "out" / "e.vhd", manifest=paths[0], overwrite=overwrite, fsync=False)
+    assert file_sha256(paths[0]) == before and not (tmp_path / "out" / "e.vhd").exists()
+    # An existing manifest is the same rule as an existing destination.
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(paths[-1], tmp_path / "out" / "f.vhd", manifest=rep.manifest_path, fsync=False)
+
+
+# --------------------------------------------------------------------------------------------- 5. devices
+
+
+@pytest.mark.backend_independent
+def test_device_and_fifo_destinations_are_refused_by_every_writer(tmp_path, capsys) -> None:
+    from vhdcore import cli
+
+    paths, _ = build_chain(tmp_path, 2, size=2 * MiB, block_size=512 * 1024, writes=5, seed=5)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for dest in ("/dev/null", str(fifo)):
+        st = os.stat(dest)
+        for argv in (["export", str(paths[-1]), dest, "--overwrite", "--no-manifest"],
+                     ["convert", str(paths[-1]), dest, "--to", "raw", "--overwrite"],
+                     ["compact", str(paths[-1]), dest, "--overwrite"],
+                     ["snapshot", str(paths[-1]), dest, "--overwrite"],
+                     ["create", dest, "--size", "1M", "--overwrite"]):
+            assert cli.main(argv) != 0, argv
+            err = capsys.readouterr().err
+            assert "only regular files are written" in err and err.count("\n") == 1, (argv, err)
+            now = os.stat(dest)
+            assert (now.st_ino, now.st_mode, now.st_rdev) == (st.st_ino, st.st_mode, st.st_rdev)
+    # An existing regular file: refused without --overwrite, the same message from every command.
+    other = tmp_path / "other.vhd"
+    other.write_bytes(b"x")
+    for argv in (["export", str(paths[-1]), str(other), "--no-manifest"],
+                 ["convert", str(paths[-1]), str(other), "--to", "raw"],
+                 ["compact", str(paths[-1]), str(other)],
+                 ["snapshot", str(paths[-1]), str(other)],
+                 ["create", str(other), "--size", "1M"]):
+        assert cli.main(argv) != 0, argv
+        assert "the destination exists (a file); pass --overwrite" in capsys.readouterr().err
+        assert other.read_bytes() == b"x"
+
+
+# --------------------------------------------------------------------------------------------- 10. leftovers
+
+
+@pytest.mark.backend_independent
+def test_a_killed_exports_part_file_is_removed_by_the_next_run(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from vhdcore.export import export
+    from vhdcore.upload.local import LocalSink
+
+    paths, _ = build_chain(tmp_path, 2, size=2 * MiB, block_size=512 * 1024, writes=5, seed=10)
+    dest = tmp_path / "out" / "d.vhd"
+    dest.parent.mkdir()
+    code = ("import sys, time\nfrom vhdcore.upload.local import LocalSink\n"
+            f"s = LocalSink({str(dest)!r})\ns.write(b'x' * 1000000)\nprint(s.temp_path, flush=True)\ntime.sleep(60)\n")
+    live = LocalSink(dest)  # a concurrent export to the same name: its part file is held, so it stays
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        part = proc.stdout.readline().strip()
+        assert os.path.getsize(part) == 1000000
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    try:
+        rep = export(paths[-1], dest, fsync=False, overwrite=True)
+        assert not os.path.exists(part) and os.path.exists(live.temp_path)
+        assert any(part in w and "did not finish" in w for w in rep.warnings)
+    finally:
+        live.abort()
+    assert sorted(os.listdir(dest.parent)) == ["d.vhd", "d.vhd.xxh3.json"]

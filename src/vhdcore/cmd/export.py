@@ -8,7 +8,7 @@ from ..compress import COMPRESSIONS
 from ..export import DEFAULT_DIGESTS, PACKAGES, export
 from ..progress import make_reporter
 from ..upload import parse_destination
-from ._common import add_open_arguments, human, parse_size, print_json
+from ._common import add_open_arguments, add_overwrite_argument, human, parse_size, print_json
 
 NAME = "export"
 HELP = "package the chain, compress, checksum and write it to a file, swift://container/object or s3://bucket/key"
@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=["auto", "bar", "json", "none"], default="auto",
                    help="a bar on a terminal (auto), JSON lines on stderr, or nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_overwrite_argument(p, "DEST (and the manifest)")
+    p.add_argument("--device", action="store_true",
+                   help="DEST may be a block device: written in place (any other non-regular file is refused)")
     add_open_arguments(p)
 
 
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     rep = export(args.src, args.dest, package=args.package, compression=args.compress, level=args.level,
                  long=args.long, threads=args.threads, digests=args.digests, manifest=manifest,
                  block_size=args.block_size, parent_dirs=args.parent_dir, strict=not args.ignore_checksums,
-                 progress=reporter, **sink_options)
+                 progress=reporter, overwrite=args.overwrite, device=args.device, **sink_options)
     if args.json:
         print_json(rep.to_dict())
         return 0
