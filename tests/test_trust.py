@@ -216,3 +216,91 @@ def test_a_killed_exports_part_file_is_removed_by_the_next_run(tmp_path) -> None
     finally:
         live.abort()
     assert sorted(os.listdir(dest.parent)) == ["d.vhd", "d.vhd.xxh3.json"]
+
+
+# --------------------------------------------------------------------------------------------- 1. journals
+
+
+def _hostile_journal_setup(tmp_path: Path):
+    """vm/: base.vhd <- mid.vhd <- grand.vhd; other/: another VM's base and child; outside/: a file."""
+    vm, other, outside = tmp_path / "vm", tmp_path / "other", tmp_path / "outside"
+    for d in (vm, other, outside):
+        d.mkdir()
+    paths, _ = build_chain(vm, 2, size=2 * MiB, block_size=512 * 1024, writes=10, seed=11)
+    vhdcore.snapshot(paths[1], vm / "grand.vhd").close()
+    opaths, _ = build_chain(other, 2, size=2 * MiB, block_size=512 * 1024, writes=10, seed=12)
+    victim = outside / "victim.txt"
+    victim.write_bytes(b"precious")
+    return paths[0], paths[1], vm / "grand.vhd", opaths[1], victim
+
+
+def _ids(path: Path) -> tuple[str, int]:
+    from vhdcore.image import Image
+    with Image(path, "r") as img:
+        return str(img.unique_id), img.footer.data_offset
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("variant", ["outside-merged", "other-vm-relink", "bytes-over-grandchild",
+                                     "symlinked-journal"])
+def test_a_hostile_journal_is_refused_and_nothing_is_touched(tmp_path, variant) -> None:
+    import json
+
+    from vhdcore.relink import JournalError
+
+    base, mid, grand, other_disk, victim = _hostile_journal_setup(tmp_path)
+    mid_id, _ = _ids(mid)
+    base_id, _ = _ids(base)
+    rec = {"version": 2, "child": str(mid.resolve()), "child_unique_id": mid_id, "target": str(base.resolve()),
+           "target_unique_id": base_id, "merged": [str(mid.resolve())], "children": [], "relinks": []}
+    if variant == "outside-merged":
+        rec["merged"] += [str(victim), str(tmp_path / "gone.vhd")]
+    elif variant == "other-vm-relink":
+        rec["merged"] += [str(tmp_path / "vm" / "gone.vhd")]
+        oid, ohoff = _ids(other_disk)
+        rec["relinks"] = [{"path": str(other_disk), "unique_id": oid, "writes": [[ohoff, (b"\xee" * 1024).hex()]]}]
+    elif variant == "bytes-over-grandchild":
+        rec["merged"] += [str(tmp_path / "vm" / "gone.vhd")]
+        gid, ghoff = _ids(grand)
+        rec["relinks"] = [{"path": str(grand), "unique_id": gid, "writes": [[0, (b"\xee" * 4096).hex()],
+                                                                           [ghoff, (b"\xee" * 1024).hex()]]}]
+    jpath = mid.parent / f".{mid.name}.coalesce"
+    if variant == "symlinked-journal":
+        planted = tmp_path / "outside" / "j.json"
+        planted.write_text(json.dumps(rec))
+        os.symlink(planted, jpath)
+    else:
+        jpath.write_text(json.dumps(rec))
+    files = [base, mid, grand, other_disk, victim]
+    before = {p: file_sha256(p) for p in files}
+    with pytest.raises(JournalError):
+        coalesce(mid)  # plain: no --remove-child
+    with pytest.raises(JournalError):
+        coalesce(mid, remove_child=True, search_dirs=[tmp_path / "vm", tmp_path / "other"])
+    assert {p: file_sha256(p) for p in files} == before
+    assert os.path.lexists(jpath)
+
+
+@pytest.mark.backend_independent
+def test_kill_between_unlinking_the_child_and_the_journal_reruns_cleanly(tmp_path, monkeypatch) -> None:
+    import sys
+
+    C = sys.modules["vhdcore.coalesce"]
+    paths, model = build_chain(tmp_path, 3, size=2 * MiB, block_size=512 * 1024, writes=10, seed=13)
+    base, leaf = paths[0], paths[-1]
+    real_unlink = os.unlink
+
+    def dying_unlink(p, *a, **k):
+        if str(p).endswith(".coalesce"):
+            raise OSError(5, "simulated kill")
+        return real_unlink(p, *a, **k)
+
+    monkeypatch.setattr(C.os, "unlink", dying_unlink)
+    with pytest.raises(OSError, match="simulated kill"):
+        coalesce(leaf, into=base, remove_child=True)
+    monkeypatch.setattr(C.os, "unlink", real_unlink)
+    assert not leaf.exists() and (tmp_path / f".{leaf.name}.coalesce").exists()
+    rep = coalesce(leaf, into=base, remove_child=True)  # was: "No such file ... leaf"
+    assert "removed the journal of a finished coalesce" in rep.warnings[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.vhd"]
+    assert content(base) == bytes(model)
