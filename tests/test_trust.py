@@ -304,3 +304,33 @@ def test_kill_between_unlinking_the_child_and_the_journal_reruns_cleanly(tmp_pat
     assert "removed the journal of a finished coalesce" in rep.warnings[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.vhd"]
     assert content(base) == bytes(model)
+
+
+# --------------------------------------------------------------------------------------------- 2. shared parents
+
+
+@pytest.mark.backend_independent
+def test_coalesce_into_a_shared_parent_found_through_parent_dir_is_refused(tmp_path, capsys) -> None:
+    from vhdcore import cli
+    from vhdcore.exceptions import UnsafeOperationError
+
+    base_dir = tmp_path / "_base"
+    base_dir.mkdir()
+    with vhdcore.create(base_dir / "golden.vhd", 2 * MiB, block_size=512 * 1024) as d:
+        d.write(0, b"g" * 70000)
+    disks = []
+    for vm in ("vm1", "vm2"):
+        (tmp_path / vm).mkdir()
+        with vhdcore.snapshot(base_dir / "golden.vhd", tmp_path / vm / "disk.vhd") as d:
+            d.write(4096, vm.encode() * 1000)
+        disks.append(tmp_path / vm / "disk.vhd")
+    vm2_view = content(disks[1], parent_dirs=[base_dir])
+    before = file_sha256(base_dir / "golden.vhd")
+    with pytest.raises(UnsafeOperationError, match="vm2/disk.vhd"):
+        coalesce(disks[0], parent_dirs=[base_dir])
+    assert cli.main(["coalesce", str(disks[0]), "--parent-dir", str(base_dir)]) != 0
+    assert "vm2/disk.vhd" in capsys.readouterr().err
+    assert file_sha256(base_dir / "golden.vhd") == before
+    assert content(disks[1], parent_dirs=[base_dir]) == vm2_view
+    rep = coalesce(disks[0], parent_dirs=[base_dir], force=["other-children"])
+    assert any("vm2/disk.vhd" in w for w in rep.warnings)

@@ -754,9 +754,11 @@ def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str],
     # Every disk whose view goes through a layer we change (the target and the intermediate layers) other than
     # the chain's own would see different content.
     already = {os.path.realpath(p.path) for p in replay}  # relinked by the interrupted run: bound, not named
+    child_dir = os.path.dirname(os.path.realpath(layers[0].path))
     for i in range(1, k + 1):
         img = layers[i]
-        scan = sorted(set(dirs) | {os.path.dirname(os.path.realpath(img.path))})
+        layer_dir = os.path.dirname(os.path.realpath(img.path))
+        scan = sorted(set(dirs) | {layer_dir} | (_sibling_dirs(layer_dir) if layer_dir != child_dir else set()))
         deps = [d for d in dependents(img, scan, exclude=[layers[i - 1].path])
                 if not (i == k and d.path in already)]
         if not deps:
@@ -768,6 +770,30 @@ def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str],
                 f"first, or pass force '{FORCE_OTHER_CHILDREN}' (--force {FORCE_OTHER_CHILDREN}) if they are "
                 "disposable", path=img.path, field="children", value=len(deps))
         warnings.append(f"{img.path}: merged although other disks depend on it: {names}")
+
+
+# A shared parent's directory and its siblings: at most this many are searched for its other children.
+MAX_SIBLING_DIRS = 10_000
+
+
+def _sibling_dirs(layer_dir: str) -> set[str]:
+    """The directories beside ``layer_dir`` (its parent's subdirectories, not through symlinks).
+
+    A layer outside the child's own directory, found through --parent-dir, is typically a shared base (an
+    image cache such as OpenStack's ``instances/_base`` beside ``instances/<vm>/``): its other children live in
+    the sibling directories, not in its own, and a coalesce into it must know them before changing it."""
+    up = os.path.dirname(layer_dir)
+    out: set[str] = set()
+    try:
+        with os.scandir(up) as it:
+            for entry in it:
+                if len(out) >= MAX_SIBLING_DIRS:
+                    break
+                if entry.is_dir(follow_symlinks=False):
+                    out.add(os.path.join(up, entry.name))
+    except OSError:
+        pass
+    return out
 
 
 def _relink_and_remove(layers: list[Image], k: int, grandchildren: list[str], io: WriteIO,
