@@ -334,3 +334,52 @@ def test_coalesce_into_a_shared_parent_found_through_parent_dir_is_refused(tmp_p
     assert content(disks[1], parent_dirs=[base_dir]) == vm2_view
     rep = coalesce(disks[0], parent_dirs=[base_dir], force=["other-children"])
     assert any("vm2/disk.vhd" in w for w in rep.warnings)
+
+
+# --------------------------------------------------------------------------------------------- 3. snapshot locks
+
+
+@pytest.mark.backend_independent
+def test_snapshot_and_coalesce_exclude_each_other(tmp_path, monkeypatch) -> None:
+    """Deterministic interleavings (hooks at the point each holds its locks), both ways, leaf and middle layer."""
+    import sys
+
+    from vhdcore.exceptions import LockError, UnsafeOperationError
+
+    C = sys.modules["vhdcore.coalesce"]
+    create_mod = sys.modules["vhdcore.create"]
+    paths, model = build_chain(tmp_path, 3, size=2 * MiB, block_size=512 * 1024, writes=10, seed=3)
+    base, mid, leaf = paths
+    real_check = C._check_safety
+    seen: list[str] = []
+
+    def snapshot_during_coalesce(parent: Path, child: Path):
+        def check(*a, **k):
+            with pytest.raises(LockError):
+                vhdcore.snapshot(parent, child)
+            seen.append(child.name)
+            return real_check(*a, **k)
+        return check
+
+    # 1. the snapshot holds the middle layer: a coalesce into it is refused, nothing changes.
+    mid_before = file_sha256(mid)
+    monkeypatch.setattr(create_mod, "_after_parent_locked", lambda p: coalesce(leaf))
+    with pytest.raises(LockError):
+        vhdcore.snapshot(mid, tmp_path / "s0.vhd")
+    monkeypatch.setattr(create_mod, "_after_parent_locked", None)
+    assert file_sha256(mid) == mid_before and not (tmp_path / "s0.vhd").exists()
+    #    ... and the reverse: a snapshot of the middle layer while a coalesce writes into it is refused.
+    monkeypatch.setattr(C, "_check_safety", snapshot_during_coalesce(mid, tmp_path / "s1.vhd"))
+    coalesce(leaf)
+    assert seen == ["s1.vhd"] and not (tmp_path / "s1.vhd").exists()
+    # 2. a snapshot of the leaf while coalesce --remove-child deletes it: refused (was: left orphaned).
+    monkeypatch.setattr(C, "_check_safety", snapshot_during_coalesce(leaf, tmp_path / "s2.vhd"))
+    rep = coalesce(leaf, remove_child=True)
+    assert seen == ["s1.vhd", "s2.vhd"] and rep.removed == [str(leaf)]
+    assert not (tmp_path / "s2.vhd").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert content(mid) == bytes(model)
+    # 3. a snapshot that completed before the coalesce is a dependent: the coalesce into its parent is refused.
+    monkeypatch.setattr(C, "_check_safety", real_check)
+    vhdcore.snapshot(base, tmp_path / "s3.vhd").close()
+    with pytest.raises(UnsafeOperationError, match="s3.vhd"):
+        coalesce(mid)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,6 @@ from . import _kernels as K
 from .chain import Disk, _candidate_names, _identity, _within, open_layers, resolve_parent
 from .exceptions import (
     ChainError,
-    LockError,
     ParentMismatchError,
     UnsafeOperationError,
     UnsupportedFeatureError,
@@ -53,6 +51,7 @@ from .exceptions import (
 )
 from .coalesce_writer import TargetWriter, WriteIO, pieces
 from .image import Image
+from .locks import lock
 from .progress import as_progress
 from .relink import (
     JournalError,
@@ -220,21 +219,6 @@ def _open_layers(child: str, parent_dirs: Sequence[str], strict: bool, force: se
     layers, found = open_layers(child, "r", parent_dirs, strict=strict, on_mismatch=on_mismatch)
     warnings.extend(found)
     return layers
-
-
-def _lock_shared(img: Image) -> None:
-    """Keep writers out of a source layer while it is merged (vhdcore's writers take an exclusive lock)."""
-    try:
-        fcntl.flock(img.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise LockError("another writer holds this file; it cannot be merged while it changes", path=img.path,
-                            field="lock") from None
-        raise
-    # A writer that let go between our reading the BAT and taking the lock may have added blocks since.
-    if os.fstat(img.fd).st_size != img.file_size:
-        raise LockError("the file changed while it was being opened (a writer was active); try again",
-                        path=img.path, field="file size", value=os.fstat(img.fd).st_size)
 
 
 # --------------------------------------------------------------------------------------------- the merge
@@ -629,8 +613,15 @@ def coalesce(
         target = layers[k]
         child_dir = os.path.dirname(os.path.realpath(leaf.path))
         dirs = [os.path.realpath(os.fspath(d)) for d in (search_dirs or [child_dir])]
+        # Locks in the one order (vhdcore.locks): the merged layers from the leaf down (exclusive when they will
+        # be deleted, so no snapshot can take one as its parent meanwhile), then the target, exclusive, before
+        # any safety check, so that no disk can come to depend on it between the check and the merge.
         for L in sources:
-            _lock_shared(L)
+            lock(L, exclusive=remove_child, why="it cannot be merged while another process writes or reads it "
+                 "as a parent" if remove_child else "it cannot be merged while it changes")
+        target_rw = Image(target.path, "r+", strict=strict)
+        if _identity(target_rw) != _identity(target):
+            raise ChainError("the target file was replaced while opening it", path=target.path, field="file")
         journal = _own_journal(layers, k)
         # A journal's relinks count only once bound to disks found now (relink.bind_plans): never its names.
         replay = bind_plans(journal, journal_path(leaf.path), [leaf.unique_id, target.unique_id], target,
@@ -643,10 +634,7 @@ def coalesce(
             for g in grandchildren:  # fail now, not after the merge, if one is in use
                 Image(g, "r+", strict=False).close()
 
-        # The target, for writing (exclusive lock), replacing its read-only image in the chain.
-        target_rw = Image(target.path, "r+", strict=strict)
-        if _identity(target_rw) != _identity(target):
-            raise ChainError("the target file was replaced while opening it", path=target.path, field="file")
+        # The target, for writing (its exclusive lock taken above), replaces its read-only image in the chain.
         layers[k] = target_rw
         target.close()
         target = target_rw
@@ -813,8 +801,7 @@ def _relink_and_remove(layers: list[Image], k: int, grandchildren: list[str], io
         apply_relink(plan, io=io)
         rep.warnings.extend(plan.warnings)
         rep.relinked.append(g)
-    for L in layers[:k]:
-        L.close()
+    # The merged layers stay open, locked, until they are unlinked: no snapshot can take one as its parent.
     _remove_merged(merged, jpath, rep)
 
 
