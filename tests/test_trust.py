@@ -383,3 +383,39 @@ def test_snapshot_and_coalesce_exclude_each_other(tmp_path, monkeypatch) -> None
     vhdcore.snapshot(base, tmp_path / "s3.vhd").close()
     with pytest.raises(UnsafeOperationError, match="s3.vhd"):
         coalesce(mid)
+
+
+@pytest.mark.backend_independent
+def test_enospc_mid_coalesce_releases_the_reserved_region(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from vhdcore.check import check
+    from vhdcore.coalesce_writer import WriteIO
+
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    with vhdcore.create(base, 16 * MiB, block_size=512 * 1024) as d:
+        d.write(0, b"b" * 4096)
+    with vhdcore.snapshot(base, child) as d:
+        for i in range(32):
+            d.write(i * 512 * 1024 + 1024, bytes([i + 1]) * 300_000)
+        model = d.read(0, d.size)
+    size_before = os.path.getsize(base)
+    real = WriteIO.pwritev
+    calls = []
+
+    def full_disk(self, fd, bufs, offset):
+        calls.append(offset)
+        if len(calls) == 12:
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return real(self, fd, bufs, offset)
+
+    monkeypatch.setattr(WriteIO, "pwritev", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        coalesce(child, batch_bytes=1 * MiB)
+    monkeypatch.setattr(WriteIO, "pwritev", real)
+    from vhdcore.image import Image
+    assert max(calls) > size_before + 8 * MiB  # a reserved region far past the old end was in use ...
+    with Image(base, "r") as img:  # ... and was given back: the file ends right after its last committed block
+        assert img.file_size == max(img.blocks_end, img.metadata_end) + 512 < max(calls)
+    assert content(child) == model  # the chain still reads as before (the target may hold some merged data)
+    assert check(base).clean
