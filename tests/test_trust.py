@@ -419,3 +419,62 @@ def test_enospc_mid_coalesce_releases_the_reserved_region(tmp_path, monkeypatch)
         assert img.file_size == max(img.blocks_end, img.metadata_end) + 512 < max(calls)
     assert content(child) == model  # the chain still reads as before (the target may hold some merged data)
     assert check(base).clean
+
+
+# --------------------------------------------------------------------------------------------- 7. tar bombs
+
+
+def _tar_header(name: str, size: int, kind: bytes = b"0") -> bytes:
+    h = bytearray(512)
+    h[0:len(name)] = name.encode()
+    h[100:108] = b"0000644\0"
+    h[108:116] = h[116:124] = b"0000000\0"
+    if size < 8**11:
+        h[124:136] = b"%011o\0" % size
+    else:
+        h[124:136] = bytes([0x80]) + size.to_bytes(11, "big")
+    h[136:148] = b"00000000000\0"
+    h[156:157] = kind
+    h[257:263] = b"ustar\0"
+    h[263:265] = b"00"
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("bomb", ["pax-3G", "longname-3G", "member-over-limit", "too-many-members"])
+def test_chain_tar_bombs_are_refused_before_reading_or_writing(tmp_path, bomb) -> None:
+    import tracemalloc
+
+    import zstandard
+
+    from vhdcore.contentcheck import verify
+    from vhdcore.exceptions import InvalidFormatError
+    from vhdcore.tarstream import TarLimits
+
+    paths, _ = build_chain(tmp_path, 1, size=1 * MiB, block_size=512 * 1024, writes=2, seed=7)
+    limits = None
+    if bomb == "pax-3G":
+        body = _tar_header("././@PaxHeader", 3 * 1024**3, b"x") + b"9 path=x\n" * 10_000
+    elif bomb == "longname-3G":
+        body = _tar_header("././@LongLink", 3 * 1024**3, b"L") + b"a" * 90_000
+    elif bomb == "member-over-limit":  # 8 MiB of zeros: a few hundred bytes compressed
+        body = _tar_header("0.vhd", 8 * MiB) + bytes(8 * MiB)
+        limits = TarLimits(max_expanded_bytes=1 * MiB)
+    else:
+        body = b"".join(_tar_header(f"{i}.vhd", 512) + bytes(512) for i in range(5))
+        limits = TarLimits(max_members=4)
+    archive = tmp_path / "bomb.tar.zst"
+    archive.write_bytes(zstandard.ZstdCompressor().compress(body + bytes(1024)))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidFormatError, match="limit|more than"):
+            verify(archive, paths[0], tmp_dir=str(scratch), tar_limits=limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * MiB
+    assert os.listdir(scratch) == []  # nothing extracted is left behind

@@ -19,9 +19,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import re
 import shutil
-import tarfile
 import tempfile
 import time
 from typing import IO, Any, Callable, Iterator, Sequence
@@ -30,7 +28,7 @@ import numpy as np
 import xxhash
 
 from . import _kernels as K
-from .chain import MAX_CHAIN_DEPTH, Disk, open_chain
+from .chain import Disk, open_chain
 from .digests import XXH3Manifest
 from .exceptions import CorruptImageError, InvalidFormatError, UnsupportedFeatureError, VHDError
 from .image import MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE, _is_pow2, zero_fill
@@ -47,6 +45,7 @@ from .structs import (
     Footer,
     bitmap_bytes,
 )
+from .tarstream import BLOCK as TAR_BLOCK, TarLimits, extract_chain_tar
 
 __all__ = ["verify", "VerifyReport"]
 
@@ -58,7 +57,6 @@ DEFAULT_BLOCK_SIZE = 2 * MiB
 MAX_MANIFEST_BYTES = 512 * MiB
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_TAR_MEMBER = re.compile(r"(\d{1,4})\.vhd")
 _ZEROS = bytes(READ_SIZE)
 
 
@@ -340,31 +338,10 @@ class _StreamSource(_Source):
             raise CorruptImageError("stream ends before the footer", path=name, offset=r.pos, field="footer")
 
 
-def _extract_chain_tar(reader: _Reader, name: str, directory: str) -> str:
-    """Extract a chain-tar stream (members N.vhd, regular files only) into ``directory``; returns 0.vhd's path."""
-    try:
-        return _extract_members(reader, name, directory)
-    except tarfile.TarError as exc:
-        raise InvalidFormatError(f"not a readable tar: {exc}", path=name, offset=reader.pos, field="tar",
-                                 value=str(exc)) from None
-
-
-def _extract_members(reader: _Reader, name: str, directory: str) -> str:
-    with tarfile.open(fileobj=_Unpeek(reader), mode="r|") as tar:
-        count = 0
-        for member in tar:
-            m = _TAR_MEMBER.fullmatch(member.name)
-            if not m or not member.isreg():
-                raise InvalidFormatError("a chain-tar holds only regular files named N.vhd", path=name,
-                                         field="tar member", value=member.name)
-            count += 1
-            if count > MAX_CHAIN_DEPTH:
-                raise InvalidFormatError(f"a chain-tar of more than {MAX_CHAIN_DEPTH} files", path=name,
-                                         field="tar members", value=count)
-            src = tar.extractfile(member)
-            assert src is not None
-            with open(os.path.join(directory, member.name), "xb") as out:
-                shutil.copyfileobj(src, out, READ_SIZE)
+def _extract_chain_tar(reader: _Reader, name: str, directory: str, limits: TarLimits | None = None) -> str:
+    """Extract a chain-tar stream (members N.vhd, regular files only; every size bounded: vhdcore.tarstream) into
+    ``directory``; returns 0.vhd's path."""
+    extract_chain_tar(reader, name, directory, limits)
     leaf = os.path.join(directory, "0.vhd")
     if not os.path.exists(leaf):
         raise InvalidFormatError("the chain-tar has no 0.vhd (the leaf)", path=name, field="tar members",
@@ -390,7 +367,7 @@ def _open_manifest_bytes(data: bytes, name: str) -> XXH3Manifest:
 
 
 def _open_source(spec: str, *, parent_dirs: Sequence[str] | None, strict: bool, tmp_dir: str | None,
-                 remote_options: dict[str, Any]) -> _Source:
+                 remote_options: dict[str, Any], tar_limits: TarLimits | None = None) -> _Source:
     text = os.fspath(spec)
     remote = "://" in text and not text.startswith("file://")
     if remote:
@@ -428,10 +405,10 @@ def _open_source(spec: str, *, parent_dirs: Sequence[str] | None, strict: bool, 
             return _ManifestSource(text, _open_manifest_bytes(data, text))
         stream, compression = _decompressed(f, text)
         reader = _Reader(stream, text)
-        if reader.peek(tarfile.BLOCKSIZE)[257:262] == b"ustar":
+        if reader.peek(TAR_BLOCK)[257:262] == b"ustar":
             tmp = tempfile.mkdtemp(prefix="vhdcore-verify-", dir=tmp_dir)
             try:
-                leaf = _extract_chain_tar(reader, text, tmp)
+                leaf = _extract_chain_tar(reader, text, tmp, tar_limits)
                 disk = open_chain(leaf, "r", [tmp], strict=strict)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -606,12 +583,14 @@ def verify(
     strict: bool = True,
     tmp_dir: str | None = None,
     progress: ProgressCallback | None = None,
+    tar_limits: TarLimits | None = None,
     **remote_options: Any,
 ) -> VerifyReport:
     """Compare the virtual content of ``target`` with ``reference`` (see the module docstring).
 
     Returns a :class:`VerifyReport` whose ``match`` says whether they agree and ``offset`` where they first
-    differ. Malformed inputs raise the usual :class:`~vhdcore.exceptions.VHDError`.
+    differ. Malformed inputs raise the usual :class:`~vhdcore.exceptions.VHDError`. A chain-tar is read within
+    ``tar_limits`` (:class:`vhdcore.tarstream.TarLimits`: header and name sizes, members, expanded bytes).
     """
     t0 = time.monotonic()
     report = as_progress(progress)
@@ -619,9 +598,11 @@ def verify(
     dirs = [os.fspath(d) for d in (parent_dirs or ())]
     opened: list[_Source] = []
     try:
-        t = _open_source(tname, parent_dirs=dirs, strict=strict, tmp_dir=tmp_dir, remote_options=remote_options)
+        t = _open_source(tname, parent_dirs=dirs, strict=strict, tmp_dir=tmp_dir, remote_options=remote_options,
+                         tar_limits=tar_limits)
         opened.append(t)
-        r = _open_source(rname, parent_dirs=dirs, strict=strict, tmp_dir=tmp_dir, remote_options=remote_options)
+        r = _open_source(rname, parent_dirs=dirs, strict=strict, tmp_dir=tmp_dir, remote_options=remote_options,
+                         tar_limits=tar_limits)
         opened.append(r)
         if t.manifest is not None and r.manifest is not None:
             blocks, offset, msg = _compare_manifests(t, r)

@@ -8,6 +8,7 @@ import sys
 from ..contentcheck import verify
 from ..exceptions import VHDError
 from ..progress import make_reporter
+from ..tarstream import TarLimits
 from ._common import add_open_arguments, parse_size, print_json
 
 NAME = "verify"
@@ -25,6 +26,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=parse_size, default=None,
                    help="comparison block when no manifest is involved (default 2M)")
     p.add_argument("--tmp-dir", default=None, help="where a chain-tar is extracted (default the system's)")
+    d = TarLimits()
+    p.add_argument("--max-expanded", type=parse_size, default=d.max_expanded_bytes, metavar="SIZE",
+                   help=f"chain-tar: refuse members expanding to more than SIZE together (default "
+                        f"{d.max_expanded_bytes // 1024**3}G; a member must also fit in --tmp-dir's free space)")
+    p.add_argument("--max-members", type=int, default=d.max_members, metavar="N",
+                   help=f"chain-tar: at most N members (default {d.max_members})")
+    p.add_argument("--max-tar-header", type=parse_size, default=d.max_header_bytes, metavar="SIZE",
+                   help=f"chain-tar: largest pax extended header (default {d.max_header_bytes // 1024}K)")
+    p.add_argument("--max-name", type=int, default=d.max_name_bytes, metavar="N",
+                   help=f"chain-tar: longest member name in bytes (default {d.max_name_bytes})")
     p.add_argument("--progress", choices=["auto", "bar", "json", "none"], default="auto")
     p.add_argument("--json", action="store_true")
     add_open_arguments(p)
@@ -34,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         rep = verify(args.target, args.src, block_size=args.block_size, parent_dirs=args.parent_dir,
                      strict=not args.ignore_checksums, tmp_dir=args.tmp_dir,
+                     tar_limits=TarLimits(max_header_bytes=args.max_tar_header, max_name_bytes=args.max_name,
+                                          max_members=args.max_members, max_expanded_bytes=args.max_expanded),
                      progress=make_reporter(args.progress, "verify", stream=sys.stderr))
     except (OSError, ValueError, VHDError) as e:
         print(f"vhdcore verify: could not verify: {e}", file=sys.stderr)
