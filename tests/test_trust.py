@@ -478,3 +478,81 @@ def test_chain_tar_bombs_are_refused_before_reading_or_writing(tmp_path, bomb) -
         tracemalloc.stop()
     assert peak < 64 * MiB
     assert os.listdir(scratch) == []  # nothing extracted is left behind
+
+
+# --------------------------------------------------------------------------------------------- audit: where we write
+
+_WRITES: list[tuple[str, str]] | None = None
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _audit_writes(event: str, args: tuple) -> None:
+    if _WRITES is None:
+        return
+    paths: list = []
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and flags & _WRITE_FLAGS):
+            paths = [args[0]]
+    elif event in ("os.remove", "os.rmdir", "os.truncate", "os.mkdir", "os.chmod", "os.utime"):
+        paths = [args[0]]
+    elif event in ("os.rename", "os.link", "os.symlink"):
+        paths = [args[0], args[1]]
+    for p in paths:
+        if isinstance(p, (str, bytes, os.PathLike)):
+            _WRITES.append((event, os.path.realpath(os.fsdecode(p))))
+
+
+import sys as _sys  # noqa: E402
+
+_sys.addaudithook(_audit_writes)
+
+
+@pytest.mark.backend_independent
+def test_coalesce_export_and_repair_write_only_inside_the_chain_and_the_destination(tmp_path) -> None:
+    """An audit hook sees every open for writing, unlink, rename and truncate this process makes."""
+    global _WRITES
+    import json
+
+    from hostile import build as B
+    from vhdcore.export import export
+    from vhdcore.repair import repair
+    import vhdcore.upload.pipeline  # noqa: F401 - imported before the hook watches (its .pyc is Python's)
+
+    vm, out, other, rdir = (tmp_path / n for n in ("vm", "out", "other", "r"))
+    for d in (vm, out, other, rdir):
+        d.mkdir()
+    paths, _ = build_chain(vm, 3, size=2 * MiB, block_size=512 * 1024, writes=10, seed=21)
+    vhdcore.snapshot(paths[-1], vm / "grand.vhd").close()
+    build_chain(other, 2, size=2 * MiB, block_size=512 * 1024, writes=5, seed=22)
+    lay = B.build(rdir / "d.vhd", blocks=(1,))
+    with open(lay.path, "ab") as f:
+        f.write(b"junk" * 100)
+    # A planted journal naming the other directory must be refused without a write anywhere.
+    (vm / f".{paths[1].name}.coalesce").write_text(json.dumps({
+        "child": str(paths[1].resolve()), "child_unique_id": _ids(paths[1])[0], "target": str(paths[0].resolve()),
+        "target_unique_id": _ids(paths[0])[0], "relinks": [],
+        "merged": [str(paths[1].resolve()), str(other / "base.vhd"), str(other / "gone.vhd")]}))
+    _WRITES = []
+    try:
+        with pytest.raises(vhdcore.VHDError):
+            coalesce(paths[1], into=paths[0], remove_child=True)
+        assert _WRITES == []
+        os.unlink(vm / f".{paths[1].name}.coalesce")
+        _WRITES = []
+        coalesce(paths[-1], into=paths[0], remove_child=True, search_dirs=[vm])
+        coalesce_writes = list(_WRITES)
+        _WRITES = []
+        export(vm / "grand.vhd", out / "g.vhd", fsync=False)
+        export_writes = list(_WRITES)
+        _WRITES = []
+        repair(lay.path)
+        repair_writes = list(_WRITES)
+    finally:
+        _WRITES = None
+    for writes, allowed in ((coalesce_writes, [vm]), (export_writes, [out]), (repair_writes, [rdir])):
+        assert writes, "the hook saw nothing: it would prove nothing"
+        outside = [(e, p) for e, p in writes if "/__pycache__/" not in p
+                   and not any(p.startswith(str(a.resolve()) + os.sep) for a in allowed)]
+        assert outside == []
+    assert ("os.remove", str((vm / paths[-1].name).resolve())) in coalesce_writes

@@ -25,6 +25,7 @@ import tempfile
 import time
 from typing import Any
 
+from ..destination import fsync_dir
 from ..progress import ProgressCallback, as_progress
 from . import Sink, UploadResult
 
@@ -164,12 +165,8 @@ class LocalSink(Sink):
                 # link() fails if the name appeared meanwhile, instead of silently replacing it
                 os.link(self._tmp, self.path)
                 os.unlink(self._tmp)
-            if self.fsync:
-                dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+            if self.fsync and not self.device:
+                fsync_dir(os.path.dirname(self.path))
         except BaseException:
             self.abort()
             raise
