@@ -751,7 +751,8 @@ def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str],
                 if not (i == k and d.path in already)]
         if not deps:
             continue
-        names = "; ".join(f"{d.path} ({d.reason})" for d in deps)
+        names = "; ".join(f"{d.path} ({d.reason})" for d in deps[:10]) + (
+            f"; and {len(deps) - 10} more" if len(deps) > 10 else "")  # a shared base may have hundreds
         if FORCE_OTHER_CHILDREN not in force:
             raise UnsafeOperationError(
                 f"other disks depend on {img.path} and would see their content change: {names}. Coalesce those "
