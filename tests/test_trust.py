@@ -26,7 +26,6 @@ def _bat_offset(path: Path) -> int:
 # --------------------------------------------------------------------------------------------- 8. --ignore-checksums
 
 
-@pytest.mark.backend_independent
 def test_ignore_checksums_keeps_the_bat_overlap_check(tmp_path) -> None:
     paths, _ = build_chain(tmp_path, 2, size=4 * MiB, block_size=512 * 1024, writes=20, seed=8)
     base, child = paths
@@ -385,7 +384,6 @@ def test_snapshot_and_coalesce_exclude_each_other(tmp_path, monkeypatch) -> None
         coalesce(mid)
 
 
-@pytest.mark.backend_independent
 def test_enospc_mid_coalesce_releases_the_reserved_region(tmp_path, monkeypatch) -> None:
     import errno
 
@@ -463,7 +461,7 @@ def test_chain_tar_bombs_are_refused_before_reading_or_writing(tmp_path, bomb) -
         body = _tar_header("0.vhd", 8 * MiB) + bytes(8 * MiB)
         limits = TarLimits(max_expanded_bytes=1 * MiB)
     else:
-        body = b"".join(_tar_header(f"{i}.vhd", 512) + bytes(512) for i in range(5))
+        body = b"".join(_tar_header(f"{i}.vhd", 512) + b"conectix" + bytes(504) for i in range(5))
         limits = TarLimits(max_members=4)
     archive = tmp_path / "bomb.tar.zst"
     archive.write_bytes(zstandard.ZstdCompressor().compress(body + bytes(1024)))
@@ -556,3 +554,20 @@ def test_coalesce_export_and_repair_write_only_inside_the_chain_and_the_destinat
                    and not any(p.startswith(str(a.resolve()) + os.sep) for a in allowed)]
         assert outside == []
     assert ("os.remove", str((vm / paths[-1].name).resolve())) in coalesce_writes
+
+
+@pytest.mark.backend_independent
+def test_a_chain_tar_of_a_fixed_disk_is_verified_without_extraction(tmp_path) -> None:
+    from vhdcore.contentcheck import verify
+    from vhdcore.export import export
+
+    base = tmp_path / "fixed.vhd"
+    with vhdcore.create(base, 2 * MiB, type="fixed") as d:
+        d.write(12345, b"f" * 70000)
+    export(base, tmp_path / "c.tar.zst", package="chain-tar", fsync=False, manifest=False)
+    nowhere = str(tmp_path / "no-such-dir")  # extraction would need it: mkdtemp there fails
+    rep = verify(tmp_path / "c.tar.zst", base, tmp_dir=nowhere)
+    assert rep.match and rep.target_kind == "chain-tar (fixed 0.vhd, streamed)"
+    with vhdcore.open(base, "r+") as d:
+        d.write(0, b"x")
+    assert not verify(tmp_path / "c.tar.zst", base, tmp_dir=nowhere).match

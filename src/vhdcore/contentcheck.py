@@ -7,7 +7,8 @@ Either side may be:
 * an **exported artifact**, local or ``swift://``/``s3://``, compressed (gzip, zstd: recognised by their
   magic numbers) or not, holding any package: a ``vhd`` stream (parsed as it arrives: footer copy, header,
   BAT, then the blocks in the order the BAT gives), ``fixed`` (content then footer) or ``raw`` (content),
-  or a ``chain-tar`` (extracted into a temporary directory and opened as the chain it holds).
+  or a ``chain-tar`` (read within ``tarstream.TarLimits``; extracted into a temporary directory and opened as the
+  chain it holds, or streamed without extraction when its leaf 0.vhd is a fixed disk, the whole chain).
 
 The *target* is read once, in order, and cut into blocks; each block is compared with the *reference*: the
 source chain (byte for byte, so a mismatch names the exact first differing offset) or a manifest (by xxh3-128,
@@ -46,6 +47,7 @@ from .structs import (
     bitmap_bytes,
 )
 from .tarstream import BLOCK as TAR_BLOCK, TarLimits, extract_chain_tar
+from .tarstream import members as tar_members
 
 __all__ = ["verify", "VerifyReport"]
 
@@ -338,15 +340,52 @@ class _StreamSource(_Source):
             raise CorruptImageError("stream ends before the footer", path=name, offset=r.pos, field="footer")
 
 
-def _extract_chain_tar(reader: _Reader, name: str, directory: str, limits: TarLimits | None = None) -> str:
+def _extract_chain_tar(reader: _Reader, name: str, directory: str, limits: TarLimits | None = None,
+                       first: tuple[str, int] | None = None, rest: Iterator[tuple[str, int]] | None = None) -> str:
     """Extract a chain-tar stream (members N.vhd, regular files only; every size bounded: vhdcore.tarstream) into
     ``directory``; returns 0.vhd's path."""
-    extract_chain_tar(reader, name, directory, limits)
+    extract_chain_tar(reader, name, directory, limits, first, rest)
     leaf = os.path.join(directory, "0.vhd")
     if not os.path.exists(leaf):
         raise InvalidFormatError("the chain-tar has no 0.vhd (the leaf)", path=name, field="tar members",
                                  value=sorted(os.listdir(directory)))
     return leaf
+
+
+class _Member(io.RawIOBase):
+    """The next ``size`` bytes of a _Reader, then end of file: one tar member read in place."""
+
+    def __init__(self, reader: _Reader, size: int) -> None:
+        self._r = reader
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")[: self._left]
+        n = self._r.readinto(mv) if len(mv) else 0
+        if len(mv) and not n:
+            raise CorruptImageError("stream ends inside the tar member", path=self._r.name, offset=self._r.pos,
+                                    field="tar member")
+        self._left -= n
+        return n
+
+
+class _FixedMemberSource(_StreamSource):
+    """A chain-tar whose leaf 0.vhd is a fixed VHD: a fixed disk has no parent, so the chain is that one member,
+    verified as it streams (content, then its footer) without being extracted."""
+
+    def __init__(self, name: str, reader: _Reader, compression: str) -> None:
+        super().__init__(name, reader, compression)
+        self.kind = "raw"
+
+    def pieces(self) -> Pieces:
+        yield from self._flat_pieces()
+        if self.kind != "fixed":
+            raise InvalidFormatError("the chain-tar's 0.vhd is not a VHD (no fixed footer at its end)",
+                                     path=self.name, field="tar member", value="0.vhd")
+        self.kind = "chain-tar (fixed 0.vhd, streamed)"
 
 
 class _Unpeek(io.RawIOBase):
@@ -406,9 +445,18 @@ def _open_source(spec: str, *, parent_dirs: Sequence[str] | None, strict: bool, 
         stream, compression = _decompressed(f, text)
         reader = _Reader(stream, text)
         if reader.peek(TAR_BLOCK)[257:262] == b"ustar":
+            it = tar_members(reader, text, tar_limits)
+            first = next(it, None)
+            if first is not None and first[0] == "0.vhd" and first[1] >= FOOTER_SIZE \
+                    and reader.peek(8) != FOOTER_COOKIE:
+                # Not a dynamic/differencing disk (those start with their footer copy): a fixed base, streamed.
+                src = _FixedMemberSource(text, _Reader(_Member(reader, first[1]), text), compression)
+                src._cleanup.append(f.close)
+                src._cleanup.append(stream.close)
+                return src
             tmp = tempfile.mkdtemp(prefix="vhdcore-verify-", dir=tmp_dir)
             try:
-                leaf = _extract_chain_tar(reader, text, tmp, tar_limits)
+                leaf = _extract_chain_tar(reader, text, tmp, tar_limits, first, it)
                 disk = open_chain(leaf, "r", [tmp], strict=strict)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

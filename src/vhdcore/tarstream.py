@@ -13,11 +13,11 @@ import dataclasses
 import os
 import re
 import shutil
-from typing import Protocol
+from typing import Iterator, Protocol
 
 from .exceptions import InvalidFormatError
 
-__all__ = ["TarLimits", "extract_chain_tar", "BLOCK"]
+__all__ = ["TarLimits", "members", "extract_chain_tar", "BLOCK"]
 
 KiB = 1024
 GiB = 1024**3
@@ -83,22 +83,24 @@ def _pax_records(data: bytes, name: str, offset: int) -> dict[str, str]:
     return out
 
 
-def extract_chain_tar(r: _Stream, name: str, directory: str, limits: TarLimits | None = None) -> list[str]:
-    """Extract the members of a chain-tar stream into ``directory`` (names checked: ``N.vhd`` only, created
-    exclusively); returns their names. Raises InvalidFormatError naming the offset and the bound exceeded."""
+def members(r: _Stream, name: str, limits: TarLimits | None = None) -> Iterator[tuple[str, int]]:
+    """The regular members of a chain-tar stream, as ``(name, size)`` with ``r`` positioned at the member's data.
+
+    The caller reads exactly ``size`` bytes before asking for the next member (this generator then skips the
+    padding). Names are checked (``N.vhd`` only) and every bound of ``limits`` is applied before a member's
+    bytes are read; InvalidFormatError names the offset and the bound exceeded."""
     lim = limits or TarLimits()
-    members: list[str] = []
+    count = 0
     total = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
-    buf = memoryview(bytearray(4 * 1024 * 1024))
     while True:
         at = r.pos
         if not r.peek(BLOCK):
-            break  # no end-of-archive blocks: accepted, as tar does
+            return  # no end-of-archive blocks: accepted, as tar does
         h = r.read_exact(BLOCK, "tar header")
         if h == bytes(BLOCK):
-            break
+            return
         stored = _number(h[148:156], name, at + 148, "header checksum")
         if stored != sum(h[:148]) + 8 * 32 + sum(h[156:]):
             raise InvalidFormatError("tar header checksum mismatch (not a tar, or damaged)", path=name, offset=at,
@@ -137,18 +139,38 @@ def extract_chain_tar(r: _Stream, name: str, directory: str, limits: TarLimits |
         if len(member.encode()) > lim.max_name_bytes or not _MEMBER.fullmatch(member):
             raise InvalidFormatError("a chain-tar holds only regular files named N.vhd", path=name, offset=at,
                                      field="tar member", value=member[:lim.max_name_bytes])
-        if len(members) >= lim.max_members:
+        if count >= lim.max_members:
             raise InvalidFormatError(f"a chain-tar of more than {lim.max_members} members", path=name, offset=at,
-                                     field="tar members", value=len(members) + 1)
+                                     field="tar members", value=count + 1)
+        count += 1
         total += size
         if total > lim.max_expanded_bytes:
             raise InvalidFormatError(f"the chain-tar's members expand to more than {lim.max_expanded_bytes} bytes "
                                      "(raise the limit to verify it)", path=name, offset=at + 124,
                                      field="tar expanded size", value=total)
+        start = r.pos
+        yield member, size
+        if r.pos != start + size:  # pragma: no cover - a caller that did not read its member is our bug
+            raise AssertionError("tar member not read to its end")
+        if padded > size:
+            r.read_exact(padded - size, "tar padding")
+
+
+def extract_chain_tar(r: _Stream, name: str, directory: str, limits: TarLimits | None = None,
+                      first: tuple[str, int] | None = None, rest: Iterator[tuple[str, int]] | None = None
+                      ) -> list[str]:
+    """Extract the members of a chain-tar stream into ``directory`` (created exclusively, never through a
+    symlink, each checked against the free space there first); returns their names. ``first``/``rest``: a
+    member already announced by :func:`members` and the generator it came from."""
+    it = rest if rest is not None else members(r, name, limits)
+    out: list[str] = []
+    buf = memoryview(bytearray(4 * 1024 * 1024))
+    pending = [first] if first is not None else []
+    for member, size in _chain(pending, it):
         free = shutil.disk_usage(directory).free
         if size > free:
             raise InvalidFormatError(f"member {member} of {size} bytes does not fit in {directory} ({free} bytes "
-                                     "free)", path=name, offset=at + 124, field="tar member size", value=size)
+                                     "free)", path=name, offset=r.pos, field="tar member size", value=size)
         fd = os.open(os.path.join(directory, member), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
         try:
@@ -162,7 +184,10 @@ def extract_chain_tar(r: _Stream, name: str, directory: str, limits: TarLimits |
                 left -= k
         finally:
             os.close(fd)
-        if padded > size:
-            r.read_exact(padded - size, "tar padding")
-        members.append(member)
-    return members
+        out.append(member)
+    return out
+
+
+def _chain(first: list, rest: Iterator) -> Iterator:
+    yield from first
+    yield from rest
