@@ -305,7 +305,15 @@ class TargetWriter:
             self._thread = None
         if self.fixed or not self.reserved:
             return
-        used = self.disk_bat[self.disk_bat != 0xFFFFFFFF].astype(np.int64)
+        # The BAT as the file holds it now (a failed commit may have written only part of what it took).
+        try:
+            raw = os.pread(self.fd, 4 * len(self.disk_bat), self.img.header.table_offset)
+        except OSError:
+            return
+        if len(raw) != 4 * len(self.disk_bat):
+            return
+        bat = np.frombuffer(raw, dtype=">u4")
+        used = bat[bat != 0xFFFFFFFF].astype(np.int64)
         end = max(int(used.max()) * SECTOR_SIZE + self.span if len(used) else 0, self.img.metadata_end)
         end = -(-end // SECTOR_SIZE) * SECTOR_SIZE
         if end >= self.eof_footer:
