@@ -571,3 +571,17 @@ def test_a_chain_tar_of_a_fixed_disk_is_verified_without_extraction(tmp_path) ->
     with vhdcore.open(base, "r+") as d:
         d.write(0, b"x")
     assert not verify(tmp_path / "c.tar.zst", base, tmp_dir=nowhere).match
+
+
+@pytest.mark.backend_independent
+def test_image_refuses_its_destination_before_the_chain_is_coalesced(tmp_path, capsys) -> None:
+    from vhdcore import cli
+
+    paths, _ = build_chain(tmp_path, 2, size=2 * MiB, block_size=512 * 1024, writes=5, seed=23)
+    (tmp_path / "out.vhd").write_bytes(b"someone's file")
+    before = {p: file_sha256(p) for p in paths}
+    assert cli.main(["image", str(paths[-1]), str(tmp_path / "out.vhd"), "--no-growth"]) != 0
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert {p: file_sha256(p) for p in paths} == before  # the chain was not coalesced
+    assert (tmp_path / "out.vhd").read_bytes() == b"someone's file"
+    assert cli.main(["image", str(paths[-1]), str(tmp_path / "out.vhd"), "--no-growth", "--overwrite"]) == 0

@@ -95,6 +95,23 @@ def image(
         raise CheckFailedError(f"chain check found {len(errors)} error(s), first: {first.code}: {first.message}",
                                path=first.path, offset=first.offset, field=first.field)
 
+    # The destination rule before the chain is touched (coalesce changes it): a refusal must cost nothing.
+    from .chain import open_chain
+    from .destination import check_destination
+    from .export import _manifest_file
+
+    overwrite = bool(export_options.get("overwrite", False))
+    with open_chain(leaf, "r", parent_dirs) as disk:
+        chain_files = [img.path for img in disk.layers]
+    if "://" not in dest or dest.startswith("file://"):
+        local = dest[len("file://"):] if dest.startswith("file://") else dest
+        check_destination(local, sources=chain_files, overwrite=overwrite,
+                          allow_device=bool(export_options.get("device", False)))
+        chain_files.append(local)
+    mfile = _manifest_file(dest, export_options.get("manifest", True))
+    if mfile is not None:
+        check_destination(mfile, sources=chain_files, overwrite=overwrite)
+
     gr = None
     if analyse:
         t = time.monotonic()

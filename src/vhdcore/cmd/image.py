@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from ..imaging import image
-from ._common import add_open_arguments, human, print_json
+from ._common import add_open_arguments, add_overwrite_argument, human, print_json
 from ._progress import add_progress_argument, progress_from_args
 
 NAME = "image"
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="export through the chain without merging it (the chain is left as it is)")
     p.add_argument("--no-growth", dest="analyse", action="store_false", help="skip the growth report")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON at the end")
+    add_overwrite_argument(p, "DEST (and its manifest)")
     add_progress_argument(p)
     add_open_arguments(p)
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_from_args(args, "image") as progress:
         rep = image(args.leaf, args.dest, coalesce=args.coalesce, analyse=args.analyse, package=args.package,
                     compression=args.compression, level=args.level, compact=args.compact,
-                    parent_dirs=args.parent_dir,
+                    parent_dirs=args.parent_dir, overwrite=args.overwrite,
                     progress=progress, on_stage=None if args.json else _print_stage)
     if args.json:
         print_json(rep.to_dict())
