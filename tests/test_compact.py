@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import vhdcore
+from vhdcore.destination import DestinationError
 import growth_support as gs
 from growth_support import MiB, SECTOR
 from vhdcore.exceptions import VHDError
@@ -168,8 +169,8 @@ def test_interrupted_compaction_leaves_nothing(mbr_chain, tmp_path) -> None:
 def test_refusals(mbr_chain, tmp_path) -> None:
     with pytest.raises(ValueError, match="mode"):
         vhdcore.compact(mbr_chain.leaf, tmp_path / "x.vhd", mode="fast")
-    with pytest.raises(ValueError, match="part of the source chain"):
-        vhdcore.compact(mbr_chain.leaf, mbr_chain.layers[0])
+    with pytest.raises(DestinationError, match="file of the source chain"):
+        vhdcore.compact(mbr_chain.leaf, mbr_chain.layers[0], overwrite=True)
     with pytest.raises(ValueError, match="block size"):
         vhdcore.compact(mbr_chain.leaf, tmp_path / "x.vhd", block_size=3000)
     bad = tmp_path / "bad.vhd"

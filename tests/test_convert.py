@@ -141,10 +141,13 @@ def test_output_is_atomic_and_refusals(tmp_path: Path, chain) -> None:
     with pytest.raises(vhdcore.ParentNotFoundError):
         vhdcore.convert(paths[-1], out, to="raw")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    # An existing destination is replaced whole, never partly overwritten.
+    # An existing destination is refused without overwrite, and with it replaced whole, never partly overwritten.
     os.rename(tmp_path / "hidden", paths[0])
     out.write_bytes(b"old" * 1000)
-    vhdcore.convert(paths[0], out, to="dynamic")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        vhdcore.convert(paths[0], out, to="dynamic")
+    assert out.read_bytes() == b"old" * 1000
+    vhdcore.convert(paths[0], out, to="dynamic", overwrite=True)
     with vhdcore.open(out):
         pass
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import vhdcore
+from vhdcore.destination import DestinationError
 from vhdcore.check import check
 from vhdcore.convert import convert
 from vhdcore.export import ExportReport, export, verify
@@ -354,8 +355,9 @@ def test_bad_arguments_are_refused_before_anything_is_written(chain: tuple[Path,
         export(leaf, tmp_path / "a.gz", long=True)
     with pytest.raises(vhdcore.ParentNotFoundError):
         export(_orphan(leaf, tmp_path), tmp_path / "a")
-    with pytest.raises(ValueError, match="file of the chain"):
-        export(tmp_path / "orphan" / "leaf.vhd", tmp_path / "orphan" / "leaf.vhd", parent_dirs=[leaf.parent])
+    with pytest.raises(DestinationError, match="file of the source chain"):
+        export(tmp_path / "orphan" / "leaf.vhd", tmp_path / "orphan" / "leaf.vhd", parent_dirs=[leaf.parent],
+               overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["orphan"]
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,6 @@ from . import _kernels as K
 from .chain import Disk, _candidate_names, _identity, _within, open_layers, resolve_parent
 from .exceptions import (
     ChainError,
-    LockError,
     ParentMismatchError,
     UnsafeOperationError,
     UnsupportedFeatureError,
@@ -53,13 +51,16 @@ from .exceptions import (
 )
 from .coalesce_writer import TargetWriter, WriteIO, pieces
 from .image import Image
+from .locks import lock
 from .progress import Stages, as_progress
 from .relink import (
+    JournalError,
+    RelinkPlan,
     apply_relink,
+    bind_plans,
     dependents,
     fsync_dir,
     journal_path,
-    journal_plans,
     plan_relink,
     read_journal,
     write_journal,
@@ -222,21 +223,6 @@ def _open_layers(child: str, parent_dirs: Sequence[str], strict: bool, force: se
     layers, found = open_layers(child, "r", parent_dirs, strict=strict, on_mismatch=on_mismatch)
     warnings.extend(found)
     return layers
-
-
-def _lock_shared(img: Image) -> None:
-    """Keep writers out of a source layer while it is merged (vhdcore's writers take an exclusive lock)."""
-    try:
-        fcntl.flock(img.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise LockError("another writer holds this file; it cannot be merged while it changes", path=img.path,
-                            field="lock") from None
-        raise
-    # A writer that let go between our reading the BAT and taking the lock may have added blocks since.
-    if os.fstat(img.fd).st_size != img.file_size:
-        raise LockError("the file changed while it was being opened (a writer was active); try again",
-                        path=img.path, field="file size", value=os.fstat(img.fd).st_size)
 
 
 # --------------------------------------------------------------------------------------------- the merge
@@ -619,10 +605,12 @@ def coalesce(
         raise ValueError(f"unknown force option(s) {sorted(unknown)}; choose from {', '.join(FORCE_CHOICES)}")
     child = os.fspath(child)
     warnings: list[str] = []
-    finished = _finish_interrupted_removal(child, os.fspath(into) if into is not None else None, warnings)
+    pdirs = [os.fspath(d) for d in (parent_dirs or ())]
+    finished = _finish_interrupted_removal(child, os.fspath(into) if into is not None else None, warnings, pdirs,
+                                           [os.fspath(d) for d in (search_dirs or ())])
     if finished is not None:
         return finished
-    layers = _open_layers(child, [os.fspath(d) for d in (parent_dirs or ())], strict, force_set, warnings)
+    layers = _open_layers(child, pdirs, strict, force_set, warnings)
     target_rw: Image | None = None
     fresh: list[Image] = []
     ios: list[WriteIO] = []
@@ -636,21 +624,28 @@ def coalesce(
         target = layers[k]
         child_dir = os.path.dirname(os.path.realpath(leaf.path))
         dirs = [os.path.realpath(os.fspath(d)) for d in (search_dirs or [child_dir])]
+        # Locks in the one order (vhdcore.locks): the merged layers from the leaf down (exclusive when they will
+        # be deleted, so no snapshot can take one as its parent meanwhile), then the target, exclusive, before
+        # any safety check, so that no disk can come to depend on it between the check and the merge.
         for L in sources:
-            _lock_shared(L)
-        journal = _own_journal(layers, k)
-        _check_safety(layers, k, dirs, force_set, warnings, journal)
-        grandchildren = [d.path for d in dependents(leaf, dirs)] if remove_child else []
-        if remove_child:
-            known = {os.path.realpath(g) for g in grandchildren}
-            grandchildren += [g for g in _journal_children(journal) if os.path.realpath(g) not in known]
-            for g in grandchildren:  # fail now, not after the merge, if one is in use
-                Image(g, "r+", strict=False).close()
-
-        # The target, for writing (exclusive lock), replacing its read-only image in the chain.
+            lock(L, exclusive=remove_child, why="it cannot be merged while another process writes or reads it "
+                 "as a parent" if remove_child else "it cannot be merged while it changes")
         target_rw = Image(target.path, "r+", strict=strict)
         if _identity(target_rw) != _identity(target):
             raise ChainError("the target file was replaced while opening it", path=target.path, field="file")
+        journal = _own_journal(layers, k)
+        # A journal's relinks count only once bound to disks found now (relink.bind_plans): never its names.
+        replay = bind_plans(journal, journal_path(leaf.path), [leaf.unique_id, target.unique_id], target,
+                            dirs) if journal else []
+        _check_safety(layers, k, dirs, force_set, warnings, replay)
+        grandchildren = [d.path for d in dependents(leaf, dirs)] if remove_child else []
+        if remove_child:
+            known = {os.path.realpath(g) for g in grandchildren}
+            grandchildren += [p.path for p in replay if os.path.realpath(p.path) not in known]
+            for g in grandchildren:  # fail now, not after the merge, if one is in use
+                Image(g, "r+", strict=False).close()
+
+        # The target, for writing (its exclusive lock taken above), replaces its read-only image in the chain.
         layers[k] = target_rw
         target.close()
         target = target_rw
@@ -747,23 +742,8 @@ def _own_journal(layers: list[Image], k: int) -> dict | None:
     return None
 
 
-def _journal_children(journal: dict | None) -> list[str]:
-    """The grandchildren the interrupted run was relinking, so that the rerun relinks them again: the ones it
-    had switched no longer name the child, and a header torn by a crash mid-write is only made whole by being
-    written again."""
-    out: list[str] = []
-    for plan in journal_plans(journal) if journal else ():
-        try:
-            with Image(plan.path, "r", strict=False) as img:
-                if img.unique_id == plan.unique_id and img.is_differencing:
-                    out.append(plan.path)
-        except (OSError, VHDError):
-            continue
-    return out
-
-
 def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str], warnings: list[str],
-                  journal: dict | None) -> None:
+                  replay: list[RelinkPlan]) -> None:
     sources, target = layers[:k], layers[k]
     for img in sources + [target]:
         if img.footer.saved_state:
@@ -782,21 +762,48 @@ def _check_safety(layers: list[Image], k: int, dirs: list[str], force: set[str],
                 "first)", path=sources[i].path, field="footer.current_size", value=sources[i].size)
     # Every disk whose view goes through a layer we change (the target and the intermediate layers) other than
     # the chain's own would see different content.
-    already = {os.path.realpath(p) for p in journal.get("children", [])} if journal else set()
+    already = {os.path.realpath(p.path) for p in replay}  # relinked by the interrupted run: bound, not named
+    child_dir = os.path.dirname(os.path.realpath(layers[0].path))
     for i in range(1, k + 1):
         img = layers[i]
-        scan = sorted(set(dirs) | {os.path.dirname(os.path.realpath(img.path))})
+        layer_dir = os.path.dirname(os.path.realpath(img.path))
+        scan = sorted(set(dirs) | {layer_dir} | (_sibling_dirs(layer_dir) if layer_dir != child_dir else set()))
         deps = [d for d in dependents(img, scan, exclude=[layers[i - 1].path])
                 if not (i == k and d.path in already)]
         if not deps:
             continue
-        names = "; ".join(f"{d.path} ({d.reason})" for d in deps)
+        names = "; ".join(f"{d.path} ({d.reason})" for d in deps[:10]) + (
+            f"; and {len(deps) - 10} more" if len(deps) > 10 else "")  # a shared base may have hundreds
         if FORCE_OTHER_CHILDREN not in force:
             raise UnsafeOperationError(
                 f"other disks depend on {img.path} and would see their content change: {names}. Coalesce those "
                 f"first, or pass force '{FORCE_OTHER_CHILDREN}' (--force {FORCE_OTHER_CHILDREN}) if they are "
                 "disposable", path=img.path, field="children", value=len(deps))
         warnings.append(f"{img.path}: merged although other disks depend on it: {names}")
+
+
+# A shared parent's directory and its siblings: at most this many are searched for its other children.
+MAX_SIBLING_DIRS = 10_000
+
+
+def _sibling_dirs(layer_dir: str) -> set[str]:
+    """The directories beside ``layer_dir`` (its parent's subdirectories, not through symlinks).
+
+    A layer outside the child's own directory, found through --parent-dir, is typically a shared base (an
+    image cache such as OpenStack's ``instances/_base`` beside ``instances/<vm>/``): its other children live in
+    the sibling directories, not in its own, and a coalesce into it must know them before changing it."""
+    up = os.path.dirname(layer_dir)
+    out: set[str] = set()
+    try:
+        with os.scandir(up) as it:
+            for entry in it:
+                if len(out) >= MAX_SIBLING_DIRS:
+                    break
+                if entry.is_dir(follow_symlinks=False):
+                    out.add(os.path.join(up, entry.name))
+    except OSError:
+        pass
+    return out
 
 
 def _relink_and_remove(layers: list[Image], k: int, grandchildren: list[str], io: WriteIO,
@@ -816,8 +823,7 @@ def _relink_and_remove(layers: list[Image], k: int, grandchildren: list[str], io
         apply_relink(plan, io=io)
         rep.warnings.extend(plan.warnings)
         rep.relinked.append(g)
-    for L in layers[:k]:
-        L.close()
+    # The merged layers stay open, locked, until they are unlinked: no snapshot can take one as its parent.
     _remove_merged(merged, jpath, rep)
 
 
@@ -836,41 +842,107 @@ def _remove_merged(merged: list[str], jpath: str, rep: CoalesceReport) -> None:
     os.unlink(jpath)
 
 
-def _finish_interrupted_removal(child: str, into: str | None, warnings: list[str]) -> CoalesceReport | None:
-    """Finish a ``remove_child`` run that died while deleting the merged layers (the child's chain no longer
-    opens: some of its layers are gone). None when there is no such run to finish: the caller goes on as usual.
+def _lexists(p: str) -> bool:
+    try:
+        os.lstat(p)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True  # cannot tell: treat as present, so nothing is taken for deleted
+    return True
 
-    The journal exists only once the target was durable (and verified when asked) and holds every relink: the
-    relinks are replayed, then what is left of the merged layers and the child are deleted.
+
+def _finish_interrupted_removal(child: str, into: str | None, warnings: list[str], parent_dirs: list[str],
+                                search_dirs: list[str]) -> CoalesceReport | None:
+    """Finish a ``remove_child`` run that died while deleting the merged layers (the child's chain no longer
+    opens: some of its layers are gone, or the child itself is, and only the journal is left). None when there
+    is no such run to finish: the caller goes on as usual.
+
+    The journal exists only once the target was durable (and verified when asked) and holds every relink. It is
+    believed only as far as it matches what is found now: its merged layers that still exist must be, by
+    device and inode, the child's chain as it resolves (a prefix of it: layers are deleted deepest first), the
+    rest must be gone; its target must carry the recorded unique id inside the chain's directories; its relinks
+    must bind to the chain's children (relink.bind_plans). Anything else is a JournalError and nothing is
+    deleted or written. Then the relinks are replayed and what is left of the merged layers is deleted.
     """
+    child_real = os.path.realpath(child)
+    jpath = journal_path(child)
     rec = read_journal(child)
-    if not rec or rec.get("child") != os.path.realpath(child):
+    if not rec or rec.get("child") != child_real:
         return None
-    merged = [str(p) for p in rec.get("merged") or []]
-    if not merged or all(os.path.exists(p) for p in merged):
-        return None  # the chain is whole: the usual path redoes the merge and replays the relinks
+    merged = rec.get("merged")
+    if not isinstance(merged, list) or not merged or len(merged) > 4096 or not all(isinstance(p, str)
+                                                                                  for p in merged):
+        raise JournalError("the journal's list of merged layers is not a list of paths", path=jpath, field="merged")
+    if merged[0] != child_real:
+        raise JournalError("the journal's first merged layer is not the child it lies beside", path=jpath,
+                           field="merged[0]", value=merged[0])
+    present = [_lexists(p) for p in merged]
+    if all(present):
+        return None  # the chain is whole: the usual path redoes the merge and replays the (bound) relinks
+    n = present.index(False)
+    if any(present[n:]):
+        raise JournalError("the journal's merged layers are not a prefix of the chain (layers are deleted deepest "
+                           f"first, yet {merged[n]} is gone and a deeper one exists)", path=jpath, field="merged")
     target_path = str(rec.get("target", ""))
     if into is not None and os.path.realpath(into) != target_path:
         return None
-    with Image(child, "r", strict=False) as leaf:
-        if str(leaf.unique_id) != rec.get("child_unique_id"):
+    child_dir = os.path.dirname(child_real)
+    allowed = sorted({child_dir, *(os.path.realpath(d) for d in parent_dirs + search_dirs)})
+    if n == 0:
+        # Killed after the child's unlink, before the journal's: every relink and deletion is done.
+        os.unlink(jpath)
+        fsync_dir(child_dir)
+        warnings.append(f"{child}: removed the journal of a finished coalesce into {target_path} (the run was "
+                        "interrupted just before removing it)")
+        rep = CoalesceReport(child=child_real, target=target_path, target_type="", merged_layers=list(merged),
+                             backend=K.BACKEND, block_size=0)
+        rep.warnings = list(warnings)
+        return rep
+    # The layers still present must be the chain as it resolves now, file for file.
+    walked: list[tuple[int, int]] = []
+    img = Image(child, "r", strict=False)
+    try:
+        if str(img.unique_id) != rec.get("child_unique_id"):
             return None
-        leaf_path = leaf.path
+        leaf_path = img.path
+        while len(walked) < n:
+            walked.append(_identity(img))
+            if len(walked) == n or not img.is_differencing:
+                break
+            try:
+                nxt = resolve_parent(img, allowed)
+            except VHDError:
+                break
+            img.close()
+            img = Image(nxt, "r", strict=False)
+    finally:
+        img.close()
+    for i, p in enumerate(merged[:n]):
+        st = os.stat(p)
+        if i >= len(walked) or (st.st_dev, st.st_ino) != walked[i]:
+            raise JournalError(f"the journal names {p} as a merged layer, but it is not layer {i} of the child's "
+                               "chain", path=jpath, field=f"merged[{i}]", value=p)
+    if not _within(os.path.realpath(target_path), allowed):
+        raise JournalError(f"the journal's target {target_path} is outside the chain's directories", path=jpath,
+                           field="target", value=target_path)
     with Image(target_path, "r") as target:
         if str(target.unique_id) != rec.get("target_unique_id"):
             raise ChainError("the journal of an interrupted coalesce names a target whose unique id changed since",
                              path=target_path, field="footer.unique_id", value=str(target.unique_id))
         rep = CoalesceReport(child=leaf_path, target=target.path, target_type=target.disk_type.label,
-                             merged_layers=merged, backend=K.BACKEND, block_size=target.block_size or 0)
+                             merged_layers=list(merged), backend=K.BACKEND, block_size=target.block_size or 0)
+        with Image(child, "r", strict=False) as leaf:
+            plans = bind_plans(rec, jpath, [leaf.unique_id, target.unique_id], target,
+                               [os.path.realpath(d) for d in search_dirs] or [child_dir])
     t0 = time.perf_counter()
-    for plan in journal_plans(rec):
-        if os.path.exists(plan.path):
-            apply_relink(plan)
-            rep.relinked.append(plan.path)
+    for plan in plans:
+        apply_relink(plan)
+        rep.relinked.append(plan.path)
     rep.warnings = warnings + [f"{leaf_path}: finished the removal of an interrupted coalesce from its journal "
                                f"(merged into {target_path}; layers already deleted: "
-                               f"{', '.join(p for p in merged if not os.path.exists(p))})"]
-    _remove_merged(merged, journal_path(child), rep)
+                               f"{', '.join(p for p in merged[n:])})"]
+    _remove_merged(merged[:n], jpath, rep)
     rep.seconds = time.perf_counter() - t0
     return rep
 

@@ -35,6 +35,8 @@ import struct
 import threading
 from typing import Iterator
 
+import numpy as np
+
 from .image import BLOCK_DATA_ALIGNMENT, Image
 from .structs import FOOTER_SIZE, SECTOR_SIZE
 
@@ -295,10 +297,34 @@ class TargetWriter:
         self._thread.start()
 
     def abort(self) -> None:
-        """After an error: let an in-flight commit finish (its writes are ordered) without raising."""
+        """After an error: let an in-flight commit finish (its writes are ordered) without raising, then give
+        back the reserved region (ENOSPC must not leave up to a batch of space allocated): the footer moves to
+        the end of the last block the on-disk BAT references, is made durable, and the file is cut after it."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self.fixed or not self.reserved:
+            return
+        # The BAT as the file holds it now (a failed commit may have written only part of what it took).
+        try:
+            raw = os.pread(self.fd, 4 * len(self.disk_bat), self.img.header.table_offset)
+        except OSError:
+            return
+        if len(raw) != 4 * len(self.disk_bat):
+            return
+        bat = np.frombuffer(raw, dtype=">u4")
+        used = bat[bat != 0xFFFFFFFF].astype(np.int64)
+        end = max(int(used.max()) * SECTOR_SIZE + self.span if len(used) else 0, self.img.metadata_end)
+        end = -(-end // SECTOR_SIZE) * SECTOR_SIZE
+        if end >= self.eof_footer:
+            return
+        try:
+            self.io.pwritev(self.fd, [self.footer], end)  # within space already allocated: no new space needed
+            self.io.fdatasync(self.fd)
+            self.io.ftruncate(self.fd, end + FOOTER_SIZE)
+            self.io.fdatasync(self.fd)
+        except OSError:
+            pass  # the file still ends with a valid footer (the reserved one); the next coalesce reclaims it
 
     def finish(self) -> None:
         self._wait()

@@ -26,6 +26,7 @@ from .blockmap import BlockJudge, FreeSectorMap, block_allocation, grid_block_si
 from .chain import open_chain
 from .convert import write_dynamic
 from .create import _check_size, atomic_output
+from .destination import check_destination
 from .structs import SECTOR_SIZE
 
 __all__ = ["compact", "CompactReport", "MODES"]
@@ -59,15 +60,15 @@ class CompactReport:
 
 def compact(src: str | os.PathLike[str], dst: str | os.PathLike[str], mode: str = "full", *,
             block_size: int | None = None, parent_dirs: Sequence[str] | None = None, strict: bool = True,
-            progress: ProgressFn | None = None) -> CompactReport:
+            progress: ProgressFn | None = None, overwrite: bool = False) -> CompactReport:
     """Write the chain ending at ``src`` into a new dynamic VHD ``dst``, dropping what ``mode`` allows."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     t0 = time.perf_counter()
     src_s, dst_s = os.fspath(src), os.fspath(dst)
+    check_destination(dst_s, sources=[src_s], overwrite=overwrite)  # before a byte of the source is read
     with open_chain(src_s, "r", parent_dirs, strict=strict) as disk:
-        if any(os.path.exists(dst_s) and os.path.samefile(dst_s, img.path) for img in disk.layers):
-            raise ValueError(f"{dst_s} is part of the source chain: compaction writes a new file")
+        check_destination(dst_s, sources=[img.path for img in disk.layers], overwrite=overwrite)
         bs, grid_note = grid_block_size(disk, block_size)
         _check_size(disk.size, bs)
         before = sum(img.file_size for img in disk.layers)

@@ -7,7 +7,8 @@ Either side may be:
 * an **exported artifact**, local or ``swift://``/``s3://``, compressed (gzip, zstd: recognised by their
   magic numbers) or not, holding any package: a ``vhd`` stream (parsed as it arrives: footer copy, header,
   BAT, then the blocks in the order the BAT gives), ``fixed`` (content then footer) or ``raw`` (content),
-  or a ``chain-tar`` (extracted into a temporary directory and opened as the chain it holds).
+  or a ``chain-tar`` (read within ``tarstream.TarLimits``; extracted into a temporary directory and opened as the
+  chain it holds, or streamed without extraction when its leaf 0.vhd is a fixed disk, the whole chain).
 
 The *target* is read once, in order, and cut into blocks; each block is compared with the *reference*: the
 source chain (byte for byte, so a mismatch names the exact first differing offset) or a manifest (by xxh3-128,
@@ -19,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import re
 import shutil
-import tarfile
 import tempfile
 import time
 from typing import IO, Any, Callable, Iterator, Sequence
@@ -30,7 +29,7 @@ import numpy as np
 import xxhash
 
 from . import _kernels as K
-from .chain import MAX_CHAIN_DEPTH, Disk, open_chain
+from .chain import Disk, open_chain
 from .digests import XXH3Manifest
 from .exceptions import CorruptImageError, InvalidFormatError, UnsupportedFeatureError, VHDError
 from .image import MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE, _is_pow2, zero_fill
@@ -47,6 +46,8 @@ from .structs import (
     Footer,
     bitmap_bytes,
 )
+from .tarstream import BLOCK as TAR_BLOCK, TarLimits, extract_chain_tar
+from .tarstream import members as tar_members
 
 __all__ = ["verify", "VerifyReport"]
 
@@ -58,7 +59,6 @@ DEFAULT_BLOCK_SIZE = 2 * MiB
 MAX_MANIFEST_BYTES = 512 * MiB
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_TAR_MEMBER = re.compile(r"(\d{1,4})\.vhd")
 _ZEROS = bytes(READ_SIZE)
 
 
@@ -347,36 +347,52 @@ class _StreamSource(_Source):
             raise CorruptImageError("stream ends before the footer", path=name, offset=r.pos, field="footer")
 
 
-def _extract_chain_tar(reader: _Reader, name: str, directory: str) -> str:
-    """Extract a chain-tar stream (members N.vhd, regular files only) into ``directory``; returns 0.vhd's path."""
-    try:
-        return _extract_members(reader, name, directory)
-    except tarfile.TarError as exc:
-        raise InvalidFormatError(f"not a readable tar: {exc}", path=name, offset=reader.pos, field="tar",
-                                 value=str(exc)) from None
-
-
-def _extract_members(reader: _Reader, name: str, directory: str) -> str:
-    with tarfile.open(fileobj=_Unpeek(reader), mode="r|") as tar:
-        count = 0
-        for member in tar:
-            m = _TAR_MEMBER.fullmatch(member.name)
-            if not m or not member.isreg():
-                raise InvalidFormatError("a chain-tar holds only regular files named N.vhd", path=name,
-                                         field="tar member", value=member.name)
-            count += 1
-            if count > MAX_CHAIN_DEPTH:
-                raise InvalidFormatError(f"a chain-tar of more than {MAX_CHAIN_DEPTH} files", path=name,
-                                         field="tar members", value=count)
-            src = tar.extractfile(member)
-            assert src is not None
-            with open(os.path.join(directory, member.name), "xb") as out:
-                shutil.copyfileobj(src, out, READ_SIZE)
+def _extract_chain_tar(reader: _Reader, name: str, directory: str, limits: TarLimits | None = None,
+                       first: tuple[str, int] | None = None, rest: Iterator[tuple[str, int]] | None = None) -> str:
+    """Extract a chain-tar stream (members N.vhd, regular files only; every size bounded: vhdcore.tarstream) into
+    ``directory``; returns 0.vhd's path."""
+    extract_chain_tar(reader, name, directory, limits, first, rest)
     leaf = os.path.join(directory, "0.vhd")
     if not os.path.exists(leaf):
         raise InvalidFormatError("the chain-tar has no 0.vhd (the leaf)", path=name, field="tar members",
                                  value=sorted(os.listdir(directory)))
     return leaf
+
+
+class _Member(io.RawIOBase):
+    """The next ``size`` bytes of a _Reader, then end of file: one tar member read in place."""
+
+    def __init__(self, reader: _Reader, size: int) -> None:
+        self._r = reader
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")[: self._left]
+        n = self._r.readinto(mv) if len(mv) else 0
+        if len(mv) and not n:
+            raise CorruptImageError("stream ends inside the tar member", path=self._r.name, offset=self._r.pos,
+                                    field="tar member")
+        self._left -= n
+        return n
+
+
+class _FixedMemberSource(_StreamSource):
+    """A chain-tar whose leaf 0.vhd is a fixed VHD: a fixed disk has no parent, so the chain is that one member,
+    verified as it streams (content, then its footer) without being extracted."""
+
+    def __init__(self, name: str, reader: _Reader, compression: str) -> None:
+        super().__init__(name, reader, compression)
+        self.kind = "raw"
+
+    def pieces(self) -> Pieces:
+        yield from self._flat_pieces()
+        if self.kind != "fixed":
+            raise InvalidFormatError("the chain-tar's 0.vhd is not a VHD (no fixed footer at its end)",
+                                     path=self.name, field="tar member", value="0.vhd")
+        self.kind = "chain-tar (fixed 0.vhd, streamed)"
 
 
 class _Unpeek(io.RawIOBase):
@@ -397,7 +413,7 @@ def _open_manifest_bytes(data: bytes, name: str) -> XXH3Manifest:
 
 
 def _open_source(spec: str, *, parent_dirs: Sequence[str] | None, strict: bool, tmp_dir: str | None,
-                 remote_options: dict[str, Any]) -> _Source:
+                 remote_options: dict[str, Any], tar_limits: TarLimits | None = None) -> _Source:
     text = os.fspath(spec)
     remote = "://" in text and not text.startswith("file://")
     if remote:
@@ -435,10 +451,19 @@ def _open_source(spec: str, *, parent_dirs: Sequence[str] | None, strict: bool, 
             return _ManifestSource(text, _open_manifest_bytes(data, text))
         stream, compression = _decompressed(f, text)
         reader = _Reader(stream, text)
-        if reader.peek(tarfile.BLOCKSIZE)[257:262] == b"ustar":
+        if reader.peek(TAR_BLOCK)[257:262] == b"ustar":
+            it = tar_members(reader, text, tar_limits)
+            first = next(it, None)
+            if first is not None and first[0] == "0.vhd" and first[1] >= FOOTER_SIZE \
+                    and reader.peek(8) != FOOTER_COOKIE:
+                # Not a dynamic/differencing disk (those start with their footer copy): a fixed base, streamed.
+                src = _FixedMemberSource(text, _Reader(_Member(reader, first[1]), text), compression)
+                src._cleanup.append(f.close)
+                src._cleanup.append(stream.close)
+                return src
             tmp = tempfile.mkdtemp(prefix="vhdcore-verify-", dir=tmp_dir)
             try:
-                leaf = _extract_chain_tar(reader, text, tmp)
+                leaf = _extract_chain_tar(reader, text, tmp, tar_limits, first, it)
                 disk = open_chain(leaf, "r", [tmp], strict=strict)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -613,12 +638,14 @@ def verify(
     strict: bool = True,
     tmp_dir: str | None = None,
     progress: ProgressCallback | None = None,
+    tar_limits: TarLimits | None = None,
     **remote_options: Any,
 ) -> VerifyReport:
     """Compare the virtual content of ``target`` with ``reference`` (see the module docstring).
 
     Returns a :class:`VerifyReport` whose ``match`` says whether they agree and ``offset`` where they first
-    differ. Malformed inputs raise the usual :class:`~vhdcore.exceptions.VHDError`.
+    differ. Malformed inputs raise the usual :class:`~vhdcore.exceptions.VHDError`. A chain-tar is read within
+    ``tar_limits`` (:class:`vhdcore.tarstream.TarLimits`: header and name sizes, members, expanded bytes).
     """
     t0 = time.monotonic()
     report = as_progress(progress)
@@ -626,9 +653,11 @@ def verify(
     dirs = [os.fspath(d) for d in (parent_dirs or ())]
     opened: list[_Source] = []
     try:
-        t = _open_source(tname, parent_dirs=dirs, strict=strict, tmp_dir=tmp_dir, remote_options=remote_options)
+        t = _open_source(tname, parent_dirs=dirs, strict=strict, tmp_dir=tmp_dir, remote_options=remote_options,
+                         tar_limits=tar_limits)
         opened.append(t)
-        r = _open_source(rname, parent_dirs=dirs, strict=strict, tmp_dir=tmp_dir, remote_options=remote_options)
+        r = _open_source(rname, parent_dirs=dirs, strict=strict, tmp_dir=tmp_dir, remote_options=remote_options,
+                         tar_limits=tar_limits)
         opened.append(r)
         if t.manifest is not None and r.manifest is not None:
             blocks, offset, msg = _compare_manifests(t, r)

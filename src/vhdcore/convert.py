@@ -17,6 +17,7 @@ from . import _kernels as K
 from .chain import Disk, open_chain
 from .fileio import pwrite_all
 from .create import DEFAULT_BLOCK_SIZE, _check_size, atomic_output, make_footer, write_dynamic_layout
+from .destination import check_destination
 from .image import BLOCK_DATA_ALIGNMENT
 from .structs import FOOTER_SIZE, HEADER_SIZE, NO_DATA_OFFSET, SECTOR_SIZE, DiskType, bitmap_bytes
 
@@ -67,13 +68,16 @@ def _open_source(src, source_format: str, parent_dirs, strict: bool):
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = "dynamic", *,
             block_size: int | None = None, parent_dirs: Sequence[str] | None = None,
-            progress: ProgressFn | None = None, strict: bool = True, source_format: str = "vhd") -> ConvertReport:
+            progress: ProgressFn | None = None, strict: bool = True, source_format: str = "vhd",
+            overwrite: bool = False) -> ConvertReport:
     """``source_format``: "vhd" (a chain), "raw" (a raw image or block device), "auto" (raw without a footer)."""
     if to not in ("raw", "fixed", "dynamic"):
         raise ValueError(f"'to' must be raw, fixed or dynamic, not {to!r}")
     t0 = time.perf_counter()
     dst = os.fspath(dst)
+    check_destination(dst, sources=[src], overwrite=overwrite)  # before a byte of the source is read
     with _open_source(src, source_format, parent_dirs, strict) as disk:
+        check_destination(dst, sources=[img.path for img in disk.layers], overwrite=overwrite)
         if to == "dynamic":
             rep = _to_dynamic(disk, dst, block_size or disk.leaf.block_size or DEFAULT_BLOCK_SIZE, progress)
         else:

@@ -9,14 +9,15 @@ import contextlib
 import os
 import tempfile
 import uuid
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .chain import Disk, open_chain
-from .destination import atomic_output  # noqa: F401 - its home moved; convert/compact import it from here
+from .destination import atomic_output, check_destination  # atomic_output: convert/compact import it from here
 from .geometry import geometry_for_new_disk, vhd_timestamp
 from .image import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, Image, _is_pow2
+from .locks import lock
 from .structs import (
     CREATOR_APP,
     CREATOR_VERSION,
@@ -126,8 +127,7 @@ def create(path: str | os.PathLike[str], size: int, type: str = "dynamic", block
     An existing file is never replaced unless ``overwrite`` is set (it may be somebody's disk).
     """
     path = os.fspath(path)
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_destination(path, overwrite=overwrite)
     if type not in ("dynamic", "fixed"):
         raise ValueError(f"type must be 'dynamic' or 'fixed', not {type!r}")
     _check_size(size, block_size if type == "dynamic" else None)
@@ -160,8 +160,13 @@ def parent_locators_for(parent_path: str, child_path: str) -> tuple[str, list[tu
     return rel, locs
 
 
+# Test hook: called with the parent's path once its lock is held (the race tests run a coalesce there).
+_after_parent_locked: Callable[[str], None] | None = None
+
+
 def snapshot(parent: str | os.PathLike[str], child: str | os.PathLike[str], *,
-             block_size: int | None = None, parent_dirs: Sequence[str] | None = None) -> Disk:
+             block_size: int | None = None, parent_dirs: Sequence[str] | None = None,
+             overwrite: bool = False) -> Disk:
     """Create a differencing child of ``parent``; returns the child's chain opened "r+".
 
     The child records the parent's unique id, its modification time (as blktap does; Windows writes 0) and its
@@ -169,11 +174,16 @@ def snapshot(parent: str | os.PathLike[str], child: str | os.PathLike[str], *,
     """
     parent = os.fspath(parent)
     child = os.fspath(child)
-    if os.path.exists(child):
-        raise FileExistsError(f"{child} already exists")
+    check_destination(child, sources=[parent], overwrite=overwrite)
     # Opening the parent's whole chain checks that it is usable before anything is written.
     with open_chain(parent, "r", parent_dirs=parent_dirs) as pdisk:
+        check_destination(child, sources=[img.path for img in pdisk.layers], overwrite=overwrite)
         pimg = pdisk.leaf
+        # Shared until the child is in place (vhdcore.locks): a coalesce into the parent, or one that would
+        # delete it, is refused meanwhile, and this one is refused while such a coalesce runs.
+        lock(pimg, why="a coalesce is changing or removing it; take the snapshot afterwards")
+        if _after_parent_locked is not None:
+            _after_parent_locked(pimg.path)
         bs = block_size or pimg.block_size or DEFAULT_BLOCK_SIZE
         _check_size(pdisk.size, bs)
         name, locs = parent_locators_for(parent, child)

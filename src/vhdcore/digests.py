@@ -234,12 +234,15 @@ class XXH3Manifest:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     def dump(self, path: str | os.PathLike[str]) -> None:
-        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="ascii") as f:
-            f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Write the manifest to ``path`` atomically (an unpredictable O_EXCL temporary name, never a symlink
+        followed); the caller has applied the destination rule to ``path``."""
+        from .destination import atomic_output
+
+        data = self.to_json().encode("ascii")
+        with atomic_output(path) as (fd, _tmp):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], path: str | os.PathLike[str] | None = None) -> "XXH3Manifest":

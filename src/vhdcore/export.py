@@ -27,6 +27,7 @@ from typing import Any, Sequence
 from .chain import open_chain
 from .compress import COMPRESSIONS
 from .contentcheck import VerifyReport, verify
+from .destination import check_destination
 from .digests import XXH3Manifest
 from .packages import PACKAGES, ChainTarPackage, Package, disk_manifest, open_package
 from .progress import ProgressCallback, TaskState, as_progress
@@ -154,6 +155,16 @@ class _Progress:
             self.emit(self.state, self.done, self.pkg.size)
 
 
+def _manifest_file(dest: str, where: str | bool | os.PathLike[str]) -> str | None:
+    """The local file the manifest goes to (None: nowhere, or an object store)."""
+    if where is False:
+        return None
+    where = dest + MANIFEST_SUFFIX if where is True else os.fspath(where)
+    if "://" in where and not where.startswith("file://"):
+        return None
+    return parse_destination(where)[2]
+
+
 def _write_manifest(manifest: XXH3Manifest, dest: str, where: str | bool | os.PathLike[str],
                     sink_options: dict[str, Any]) -> str | None:
     if where is False:
@@ -162,7 +173,7 @@ def _write_manifest(manifest: XXH3Manifest, dest: str, where: str | bool | os.Pa
         where = dest + MANIFEST_SUFFIX
     where = os.fspath(where)
     if "://" in where and not where.startswith("file://"):
-        opts = {k: v for k, v in sink_options.items() if k != "progress"}
+        opts = {k: v for k, v in sink_options.items() if k not in ("progress", "overwrite", "device")}
         with open_sink(where, **opts) as sink:
             sink.write(manifest.to_json().encode("ascii"))
         return where
@@ -190,6 +201,8 @@ def export(
     unique_id: uuid.UUID | None = None,
     timestamp: int | None = None,
     zero_scan: bool | None = None,
+    overwrite: bool = False,
+    device: bool = False,
     **sink_options: Any,
 ) -> ExportReport:
     """Package the chain at ``src`` and deliver it to ``dest`` (a path, ``swift://container/object``, ``s3://``).
@@ -202,6 +215,8 @@ def export(
     ``block_size`` (vhd), ``unique_id`` and ``timestamp`` (vhd, fixed footers) shape the new disk;
     ``zero_scan`` (vhd; default: when a layer is a fixed VHD) reads the blocks once first to leave out all-zero ones.
     Other keyword options go to the sink (``segment_size``, ``concurrency``, credentials, ``fsync``...).
+    A local destination and a local manifest obey the destination rule (:mod:`vhdcore.destination`): an existing
+    file only with ``overwrite``, a file of the chain never, a block device only with ``device`` (written in place).
 
     The image is committed (renamed into place, or the SLO manifest / multipart upload completed) before its
     manifest is written; if the manifest cannot be stored, the export raises with the image in place.
@@ -211,8 +226,22 @@ def export(
     if package not in PACKAGES:
         raise ValueError(f"unknown package {package!r}: expected one of {', '.join(PACKAGES)}")
     kind = compression_for(dest, compression)
-    scheme = parse_destination(dest)[0]
+    scheme, _container, local_dest = parse_destination(dest)
     remote = scheme != "file"
+    manifest_file = _manifest_file(dest, manifest)
+
+    def check_outputs(sources: list[str]) -> None:
+        if not remote:
+            check_destination(local_dest, sources=sources, overwrite=overwrite, allow_device=device)
+        if manifest_file is not None:
+            check_destination(manifest_file, sources=sources + ([local_dest] if not remote else []),
+                              overwrite=overwrite)
+
+    check_outputs([src])  # before a byte of the source is read
+    if not remote:
+        sink_options["overwrite"] = overwrite
+        if device:
+            sink_options["device"] = True
     if long and kind != "zstd":
         raise ValueError("long-distance matching is a zstd option")
     copts: dict[str, Any] = {"long": True} if long else {}
@@ -222,10 +251,7 @@ def export(
     from .upload.pipeline import deliver  # the compressors load with it
 
     with open_chain(src, "r", parent_dirs, strict=strict) as disk:
-        if not remote:
-            target = os.path.realpath(parse_destination(dest)[2])
-            if any(os.path.realpath(img.path) in (target, target + MANIFEST_SUFFIX) for img in disk.layers):
-                raise ValueError(f"the destination {dest} is a file of the chain being exported")
+        check_outputs([img.path for img in disk.layers])
         want_manifest = manifest is not False
         mf = XXH3Manifest(manifest_block_size) if want_manifest else None
         pkg = open_package(package, disk, mf, block_size=block_size, unique_id=unique_id, timestamp=timestamp,

@@ -267,7 +267,9 @@ class Image:
             self.blocks_end = self.metadata_end
         else:
             self.blocks_end = highest_end * SECTOR_SIZE
-        if not self.strict or allocated == 0:
+        # Structural bounds hold whatever ``strict`` says: it relaxes checksums only, and a block past the end
+        # or two BAT entries sharing storage would make a writer put one block's data into another's.
+        if allocated == 0:
             return
         to = self.header.table_offset
         if highest_end * SECTOR_SIZE > limit:

@@ -21,9 +21,12 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from .chain import resolve_parent
 from .create import parent_locators_for
-from .exceptions import ChainError, VHDError
+from .destination import fsync_dir
+from .exceptions import ChainError, UnsafeOperationError, VHDError
 from .geometry import vhd_timestamp
 from .image import Image
 from .structs import (
@@ -31,6 +34,7 @@ from .structs import (
     FOOTER_SIZE,
     HEADER_SIZE,
     NO_DATA_OFFSET,
+    SECTOR_SIZE,
     DiskType,
     DynamicHeader,
     Footer,
@@ -290,23 +294,116 @@ def write_journal(child_path: str, record: dict) -> str:
     return path
 
 
+# A journal holds a few KiB per relinked child; anything larger is not one of ours.
+MAX_JOURNAL_BYTES = 16 * 1024 * 1024
+
+
+class JournalError(UnsafeOperationError):
+    """A coalesce journal that does not describe this chain: refused, nothing deleted or written."""
+
+
 def read_journal(child_path: str) -> dict | None:
+    """The journal beside ``child_path`` (None if there is none). Never followed through a symlink, bounded."""
+    path = journal_path(child_path)
     try:
-        with open(journal_path(child_path)) as f:
-            rec = json.load(f)
-    except (FileNotFoundError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        raise JournalError(f"the coalesce journal cannot be opened ({e.strerror}; a symlink is never followed)",
+                           path=path, field="journal") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_JOURNAL_BYTES:
+            raise JournalError(f"the coalesce journal is not a regular file of at most {MAX_JOURNAL_BYTES} bytes",
+                               path=path, field="journal", value=st.st_size)
+        raw = os.read(fd, MAX_JOURNAL_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None  # torn before its rename could not happen (atomic write): not a journal of ours
     return rec if isinstance(rec, dict) else None
 
 
-def fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+def _stat_id(path: str) -> tuple[int, int] | None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def bind_plans(rec: dict, jpath: str, parent_ids: Sequence[uuid.UUID], target: Image,
+               dirs: Sequence[str]) -> list[RelinkPlan]:
+    """The journal's relink plans, each bound to a disk found now: a differencing VHD in ``dirs`` (matched by
+    device and inode, not by the name the journal gives) whose parent is one of ``parent_ids`` (the child, or
+    the target once relinked), whose unique id is the plan's, and whose planned bytes are a header naming
+    ``target`` with the disk's own layout plus locator data in the slots that header declares, clear of the BAT
+    and every block. Raises JournalError for anything else; the plans returned carry the found paths."""
+    found: dict[tuple[int, int], str] = {}
+    for p in vhd_files(dirs):
+        own, puid = _probe(p)
+        ident = _stat_id(p)
+        if own is not None and puid in parent_ids and ident is not None:
+            found[ident] = p
+    docs = rec.get("relinks") or []
+    if not isinstance(docs, list) or len(docs) > 100_000:
+        raise JournalError("the journal's relink records are not a list", path=jpath, field="relinks")
+    out: list[RelinkPlan] = []
+    for i, doc in enumerate(docs):
+        try:
+            plan = plan_from_json(doc)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise JournalError("a relink record of the journal cannot be read", path=jpath,
+                               field=f"relinks[{i}]") from None
+        real = found.get(_stat_id(plan.path) or (-1, -1))
+        if real is None:
+            raise JournalError(f"the journal would relink {plan.path}, which is not a child of this chain in the "
+                               f"searched directories ({', '.join(dirs)})", path=jpath, field=f"relinks[{i}].path",
+                               value=plan.path)
+        _check_plan(plan, real, target, jpath, i)
+        out.append(replace(plan, path=real))
+    return out
+
+
+def _check_plan(plan: RelinkPlan, path: str, target: Image, jpath: str, i: int) -> None:
+    def refuse(why: str) -> JournalError:
+        return JournalError(f"the journal's relink of {path} {why}", path=jpath, field=f"relinks[{i}]",
+                            value=plan.path)
+
+    with Image(path, "r", strict=False) as img:
+        if img.unique_id != plan.unique_id or not img.is_differencing or img.header is None:
+            raise refuse("is for another disk (unique id or type differs)")
+        hoff = img.footer.data_offset
+        *data_writes, (woff, raw) = plan.writes
+        if woff != hoff or len(raw) != HEADER_SIZE:
+            raise refuse("does not end with one header write at the disk's header offset")
+        try:
+            new = DynamicHeader.parse(raw, verify_checksum=True)
+        except VHDError:
+            raise refuse("writes a header that is not a valid dynamic header") from None
+        cur = img.header
+        if new.parent_unique_id != target.unique_id:
+            raise refuse("writes a header that does not name the coalesce target")
+        if (new.table_offset, new.max_table_entries, new.block_size, new.data_offset) != (
+                cur.table_offset, cur.max_table_entries, cur.block_size, cur.data_offset):
+            raise refuse("would change the disk's block table or block size")
+        slots = {(loc.data_offset, loc.data_space_bytes) for loc in new.parent_locators if loc.is_used}
+        bat_end = cur.table_offset + -(-4 * cur.max_table_entries // SECTOR_SIZE) * SECTOR_SIZE
+        span = img.bitmap_size + img.block_size
+        starts = img.bat[img.allocated_blocks()].astype(np.int64) * SECTOR_SIZE
+        for off, data in data_writes:
+            end = off + len(data)
+            if (off, len(data)) not in slots:
+                raise refuse(f"writes {len(data)} bytes at {off}, not a locator slot its header declares")
+            if off < hoff + HEADER_SIZE or end > (img.footer_offset if img.footer_offset >= 0 else img.file_size) or (off < bat_end and end > cur.table_offset) \
+                    or bool(np.any((starts < end) & (starts + span > off))):
+                raise refuse(f"writes locator data at {off} over the header, the BAT, a block or the footer")
 
 
 __all__ = ["Dependent", "dependents", "relink", "plan_relink", "apply_relink", "plan_from_json", "journal_plans",
            "RelinkPlan",
-           "vhd_files", "journal_path", "write_journal", "read_journal", "fsync_dir"]
+           "vhd_files", "journal_path", "write_journal", "read_journal", "fsync_dir", "bind_plans", "JournalError",
+           "MAX_JOURNAL_BYTES"]

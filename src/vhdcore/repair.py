@@ -25,13 +25,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import xxhash
+
 from .check import ERROR, WARNING, FileAnalysis, Finding, analyse_file, check
-from .exceptions import InvalidFormatError, LockError
+from .destination import atomic_output, check_destination
+from .exceptions import InvalidFormatError, LockError, UnsafeOperationError
 from .structs import FOOTER_SIZE, HEADER_SIZE, DiskType, checksum
 
 UNDO_MAGIC = b"VHDCUNDO"
-UNDO_VERSION = 1
-_UNDO_HEAD = struct.Struct(">8sIQQI")  # magic, version, original file size, original mtime (ns), record count
+UNDO_VERSION = 2
+# magic, version, original file size, original mtime (ns), record count; then the identity of the disk the
+# undo file belongs to, as the repair left it: its size, its unique id, and the xxh3-128 of the bytes the
+# records will be written over. ``undo`` refuses a disk that does not match all three (another disk, or this
+# one changed since).
+_UNDO_HEAD = struct.Struct(">8sIQQIQ16s16s")
 _UNDO_REC = struct.Struct(">QQ")  # offset, length; then the bytes
 
 # Findings that mean the BAT cannot be trusted: a repair would have to guess which block is right.
@@ -219,23 +226,57 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         done += os.pwrite(fd, mv[done:], offset + done)
 
 
-def _fsync_dir(path: str) -> None:
-    dfd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def _clamped(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    return [(off, max(0, min(n, size - off))) for off, n in ranges]
 
 
-def _write_undo(fd: int, undo_path: str, st: os.stat_result, ranges: list[tuple[int, int]]) -> None:
+def _over_digest(read, ranges: list[tuple[int, int]], size: int) -> bytes:
+    """xxh3-128 of the bytes at ``ranges`` (each cut at ``size``): what an undo writes over."""
+    h = xxhash.xxh3_128()
+    for off, n in _clamped(ranges, size):
+        done = 0
+        while done < n:
+            k = min(n - done, 16 * 1024 * 1024)
+            h.update(read(off + done, k))
+            done += k
+    return h.digest()
+
+
+def _after_repair(fd: int, st: os.stat_result, actions: list[RepairAction], ranges: list[tuple[int, int]]
+                  ) -> tuple[int, bytes]:
+    """(size, digest of the bytes at ``ranges``) the disk will have once ``actions`` are done, computed before."""
+    size = st.st_size
+    writes = [(a.offset, a.data) for a in actions if a.code != "TRUNCATE"]
+    for off, data in writes:
+        size = max(size, off + len(data))
+    for a in actions:
+        if a.code == "TRUNCATE":
+            size = min(size, a.offset)
+
+    def read(off: int, n: int) -> bytes:
+        buf = bytearray(_pread_exact(fd, off, n).ljust(n, b"\0"))
+        for woff, data in writes:
+            lo, hi = max(off, woff), min(off + n, woff + len(data))
+            if lo < hi:
+                buf[lo - off : hi - off] = data[lo - woff : hi - woff]
+        return bytes(buf)
+
+    return size, _over_digest(read, _clamped(ranges, st.st_size), size)
+
+
+def _unique_id(a: FileAnalysis) -> bytes:
+    return a.footer.raw[68:84] if a.footer is not None else bytes(16)
+
+
+def _write_undo(fd: int, undo_path: str, st: os.stat_result, ranges: list[tuple[int, int]],
+                identity: tuple[int, bytes, bytes]) -> None:
     """The old bytes of every range, written (and made durable) before anything in the disk changes."""
-    tmp = undo_path + ".tmp"
-    ufd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        _pwrite_all(ufd, _UNDO_HEAD.pack(UNDO_MAGIC, UNDO_VERSION, st.st_size, st.st_mtime_ns, len(ranges)), 0)
+    post_size, uid, digest = identity
+    with atomic_output(undo_path, mode=0o600) as (ufd, _tmp):
+        _pwrite_all(ufd, _UNDO_HEAD.pack(UNDO_MAGIC, UNDO_VERSION, st.st_size, st.st_mtime_ns, len(ranges),
+                                         post_size, uid, digest), 0)
         pos = _UNDO_HEAD.size
-        for off, n in ranges:
-            n = max(0, min(n, st.st_size - off))
+        for off, n in _clamped(ranges, st.st_size):
             _pwrite_all(ufd, _UNDO_REC.pack(off, n), pos)
             pos += _UNDO_REC.size
             done = 0
@@ -244,14 +285,6 @@ def _write_undo(fd: int, undo_path: str, st: os.stat_result, ranges: list[tuple[
                 _pwrite_all(ufd, _pread_exact(fd, off + done, k), pos)
                 pos += k
                 done += k
-        os.fsync(ufd)
-    except BaseException:
-        os.close(ufd)
-        os.unlink(tmp)
-        raise
-    os.close(ufd)
-    os.rename(tmp, undo_path)
-    _fsync_dir(undo_path)
 
 
 def _lock(fd: int, path: str) -> None:
@@ -265,7 +298,7 @@ def _lock(fd: int, path: str) -> None:
 
 def repair(path: str | os.PathLike[str], dry_run: bool = False, fix_checksums: bool = False, *,
            parent_dirs: Sequence[str | os.PathLike[str]] | None = None,
-           undo_path: str | None = None) -> RepairReport:
+           undo_path: str | None = None, overwrite: bool = False) -> RepairReport:
     """Repair ``path`` in place (see the module text); returns what was done and what is left.
 
     The writer lock is taken before the file is examined, even for a dry run: a writer in the middle of a block
@@ -273,6 +306,8 @@ def repair(path: str | os.PathLike[str], dry_run: bool = False, fix_checksums: b
     ``remaining`` is what ``check(path, parent_dirs=...)`` reports afterwards (so it includes chain problems).
     """
     path = os.fspath(path)
+    if undo_path is not None and not dry_run:  # the destination rule, before anything is read
+        check_destination(undo_path, sources=[path], overwrite=overwrite)
     # Read-only first: a FIFO or a device is refused before it is ever opened for writing.
     probe = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
@@ -296,7 +331,8 @@ def repair(path: str | os.PathLike[str], dry_run: bool = False, fix_checksums: b
             report.undo_path = undo_path or _undo_name(path)
             ranges = [(act.offset, act.length) if act.code != "TRUNCATE" else (act.offset, st.st_size - act.offset)
                       for act in actions]
-            _write_undo(fd, report.undo_path, st, ranges)
+            post_size, digest = _after_repair(fd, st, actions, ranges)
+            _write_undo(fd, report.undo_path, st, ranges, (post_size, _unique_id(a), digest))
             # Footer first (so that a crash here leaves a file repair can finish), then the copy and the header,
             # then the cut.
             for act in actions:
@@ -327,10 +363,14 @@ def undo(undo_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> Non
         head = os.pread(ufd, _UNDO_HEAD.size, 0)
         if len(head) != _UNDO_HEAD.size:
             raise InvalidFormatError("undo file too short", path=undo_path, offset=0, field="undo header")
-        magic, version, orig_size, _mtime, count = _UNDO_HEAD.unpack(head)
-        if magic != UNDO_MAGIC or version != UNDO_VERSION:
+        magic, version, orig_size, _mtime, count, post_size, uid, digest = _UNDO_HEAD.unpack(head)
+        if magic != UNDO_MAGIC:
             raise InvalidFormatError("not a vhdcore repair undo file", path=undo_path, offset=0, field="magic",
                                      value=magic)
+        if version != UNDO_VERSION:
+            raise InvalidFormatError(f"undo file version {version} (this vhdcore reads {UNDO_VERSION}, which records "
+                                     "the identity of its disk)", path=undo_path, offset=8, field="version",
+                                     value=version)
         records: list[tuple[int, int, int]] = []  # offset in the disk, length, offset in the undo file
         pos = _UNDO_HEAD.size
         for _ in range(min(count, 64)):
@@ -344,9 +384,13 @@ def undo(undo_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> Non
                                          value=n)
             records.append((off, n, pos))
             pos += n
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        if orig_size > max([post_size] + [off + n for off, n, _ in records]):
+            raise InvalidFormatError("undo file restores a length that none of its records reaches", path=undo_path,
+                                     offset=8 + 4, field="original size", value=orig_size)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             _lock(fd, path)
+            _check_undo_identity(fd, path, undo_path, post_size, uid, digest, [(o, n) for o, n, _ in records])
             # Newest change first, so ranges that overlap get their oldest content back.
             for off, n, upos in reversed(records):
                 done = 0
@@ -360,6 +404,27 @@ def undo(undo_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> Non
             os.close(fd)
     finally:
         os.close(ufd)
+
+
+def _check_undo_identity(fd: int, path: str, undo_path: str, post_size: int, uid: bytes, digest: bytes,
+                         ranges: list[tuple[int, int]]) -> None:
+    """Refuse to apply an undo file to a disk other than the one it was made for, or one changed since."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidFormatError("not a regular file", path=path, field="file")
+    why = None
+    if st.st_size != post_size:
+        why = f"its size is {st.st_size} bytes, the repaired disk's was {post_size}"
+    elif uid != bytes(16):
+        ids = {_pread_exact(fd, o + 68, 16) for o in (0, st.st_size - FOOTER_SIZE) if o >= 0}
+        if uid not in ids:
+            why = "its unique id is not the repaired disk's"
+    if why is None and _over_digest(lambda o, n: _pread_exact(fd, o, n), ranges, st.st_size) != digest:
+        why = "the bytes the undo would restore over are not the ones the repair wrote"
+    if why is not None:
+        raise UnsafeOperationError(f"this undo file belongs to another disk, or the disk changed since the repair "
+                                   f"({why}); nothing was written", path=path, field="undo.disk_identity",
+                                   value=undo_path)
 
 
 __all__ = ["repair", "undo", "plan", "RepairReport", "RepairAction"]

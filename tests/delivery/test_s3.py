@@ -88,4 +88,4 @@ def test_missing_bucket_is_an_upload_error(swift_server: SwiftServer, disk_bytes
 
 def test_part_size_limits() -> None:
     with pytest.raises(ValueError, match="segment_size"):
-        S3Sink("b", "k", part_size=1 * MiB, endpoint_url="http://127.0.0.1:9", access_key="a", secret_key="b")
+        S3Sink("bkt", "k", part_size=1 * MiB, endpoint_url="http://127.0.0.1:9", access_key="a", secret_key="b")

@@ -37,6 +37,13 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def add_overwrite_argument(p: argparse.ArgumentParser, what: str = "the destination") -> None:
+    """--overwrite, the same for every writing command (the rule: vhdcore.destination)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} if it exists (default: refuse); a file of the source chain is always "
+                        "refused, and so is anything that is not a regular file")
+
+
 def add_open_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parent-dir", action="append", default=[], metavar="DIR",
                    help="also look for parent disks in DIR (repeatable); the disk's own directory is always searched")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..compact import MODES, compact
-from ._common import add_open_arguments, human, parse_size, print_json
+from ._common import add_open_arguments, add_overwrite_argument, human, parse_size, print_json
 from ._progress import add_progress_argument, progress_from_args
 
 NAME = "compact"
@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "free sectors inside kept blocks (default)")
     p.add_argument("--block-size", type=parse_size, default=None, help="default: the source leaf's block size")
     p.add_argument("--json", action="store_true")
+    add_overwrite_argument(p, "DST")
     add_progress_argument(p)
     add_open_arguments(p)
 
@@ -26,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     with progress_from_args(args, "compact") as progress:
         rep = compact(args.src, args.dst, mode=args.mode, block_size=args.block_size, parent_dirs=args.parent_dir,
-                      strict=not args.ignore_checksums, progress=progress)
+                      strict=not args.ignore_checksums, progress=progress, overwrite=args.overwrite)
     if args.json:
         print_json(rep.to_dict())
         return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..create import DEFAULT_BLOCK_SIZE, create
-from ._common import parse_size, print_json
+from ._common import add_overwrite_argument, parse_size, print_json
 
 NAME = "create"
 HELP = "create a fixed or dynamic VHD"
@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", required=True, type=parse_size, help="virtual size, e.g. 40G (up to 2040G)")
     p.add_argument("--type", choices=["dynamic", "fixed"], default="dynamic")
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE, help="dynamic disks: default 2M")
-    p.add_argument("--overwrite", action="store_true", help="replace PATH if it exists (default: refuse)")
+    add_overwrite_argument(p, "PATH")
     p.add_argument("--json", action="store_true")
 
 

@@ -7,7 +7,8 @@ from ..compress import COMPRESSIONS
 from ..export import DEFAULT_DIGESTS, PACKAGES, export
 from ..upload import parse_destination
 from ._progress import add_progress_argument, progress_from_args
-from ._common import (LEVEL_HELP, add_open_arguments, add_remote_arguments, compression_level, human, parse_size,
+from ._common import (LEVEL_HELP, add_open_arguments, add_overwrite_argument, add_remote_arguments,
+                      compression_level, human, parse_size,
                       print_json, remote_options)
 
 NAME = "export"
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fsync", action="store_true", help="local destination: skip the durability syncs")
     add_progress_argument(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_overwrite_argument(p, "DEST (and the manifest)")
+    p.add_argument("--device", action="store_true",
+                   help="DEST may be a block device: written in place (any other non-regular file is refused)")
     add_open_arguments(p)
     add_remote_arguments(p)
 
@@ -67,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         rep = export(args.src, args.dest, package=args.package, compression=args.compress, level=level,
                      long=args.long, threads=args.threads, digests=args.digests, manifest=manifest,
                      block_size=args.block_size, parent_dirs=args.parent_dir, strict=not args.ignore_checksums,
-                     progress=reporter, **sink_options)
+                     progress=reporter, overwrite=args.overwrite, device=args.device,
+                     **sink_options)
     if args.json:
         print_json(rep.to_dict())
         return 0

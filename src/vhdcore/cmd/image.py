@@ -6,7 +6,8 @@ import sys
 from typing import Any
 
 from ..imaging import image
-from ._common import (LEVEL_HELP, add_open_arguments, add_remote_arguments, compression_level, human, print_json,
+from ._common import (LEVEL_HELP, add_open_arguments, add_overwrite_argument,
+                      add_remote_arguments, compression_level, human, print_json,
                       remote_options)
 from ._progress import add_progress_argument, progress_from_args
 
@@ -28,9 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after the image was delivered, also merge every layer into the base and delete the "
                         "layers above it (changes the source chain; by default it is only read)")
     p.add_argument("--no-coalesce", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
-    p.add_argument("--overwrite", action="store_true", help="replace an existing local destination")
     p.add_argument("--no-growth", dest="analyse", action="store_false", help="skip the growth report")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON at the end")
+    add_overwrite_argument(p, "DEST (and its manifest)")
     add_progress_argument(p)
     add_open_arguments(p)
     add_remote_arguments(p)

@@ -13,6 +13,7 @@ from ..export import MANIFEST_SUFFIX
 from ._progress import add_progress_argument, progress_from_args
 from ._common import (add_open_arguments, add_remote_arguments, parse_size, print_json, print_json_error,
                       remote_options)
+from ..tarstream import TarLimits
 
 NAME = "verify"
 HELP = ("check that DEST-OR-FILE (an export, compressed or not, local or swift:// s3://, or its .xxh3.json manifest) "
@@ -31,6 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=parse_size, default=None,
                    help="comparison block when no manifest is involved (default 2M)")
     p.add_argument("--tmp-dir", default=None, help="where a chain-tar is extracted (default the system's)")
+    d = TarLimits()
+    p.add_argument("--max-expanded", type=parse_size, default=d.max_expanded_bytes, metavar="SIZE",
+                   help=f"chain-tar: refuse members expanding to more than SIZE together (default "
+                        f"{d.max_expanded_bytes // 1024**3}G; a member must also fit in --tmp-dir's free space)")
+    p.add_argument("--max-members", type=int, default=d.max_members, metavar="N",
+                   help=f"chain-tar: at most N members (default {d.max_members})")
+    p.add_argument("--max-tar-header", type=parse_size, default=d.max_header_bytes, metavar="SIZE",
+                   help=f"chain-tar: largest pax extended header (default {d.max_header_bytes // 1024}K)")
+    p.add_argument("--max-name", type=int, default=d.max_name_bytes, metavar="N",
+                   help=f"chain-tar: longest member name in bytes (default {d.max_name_bytes})")
     add_progress_argument(p)
     p.add_argument("--json", action="store_true")
     add_open_arguments(p)
@@ -51,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         with progress_from_args(args, "verify") as progress:
             rep = verify(args.target, src, block_size=args.block_size, parent_dirs=args.parent_dir,
                          strict=not args.ignore_checksums, tmp_dir=args.tmp_dir, progress=progress,
+                         tar_limits=TarLimits(max_header_bytes=args.max_tar_header, max_name_bytes=args.max_name,
+                                              max_members=args.max_members, max_expanded_bytes=args.max_expanded),
                          **remote_options(args, args.target if args.target.startswith("swift://") else src))
     except (OSError, ValueError, VHDError) as e:
         print(f"vhdcore verify: could not verify: {e}", file=sys.stderr)

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import urllib.parse
 from typing import Any
 
 from .._extras import require_scheme
 from ..exceptions import VHDError
 
-__all__ = ["Sink", "UploadResult", "UploadError", "open_sink", "parse_destination", "deliver", "DeliveryResult"]
+__all__ = ["Sink", "UploadResult", "UploadError", "ObjectNameError", "check_object_name", "open_sink",
+           "parse_destination", "deliver", "DeliveryResult"]
 
 
 class UploadError(VHDError):
@@ -94,8 +96,47 @@ class Sink:
             self.close()
 
 
+# Object-store names are checked before any request: the HTTP clients normalise ``..`` segments and decode
+# ``%2F``, so ``swift://images/../backups/x`` would otherwise reach another container. Limits are the servers'
+# own defaults (Swift: 256-byte container, 1024-byte object names; S3: 3-63-byte bucket, 1024-byte key).
+MAX_CONTAINER_BYTES = 256
+MAX_OBJECT_BYTES = 1024
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+class ObjectNameError(VHDError, ValueError):
+    """A container, bucket or object name that could reach another object than the one it reads as."""
+
+    def __init__(self, message: str, *, value: Any = None) -> None:
+        super().__init__(message, field="object name", value=value)
+
+
+def check_object_name(scheme: str, container: str, name: str) -> None:
+    """Refuse names whose request could land elsewhere: empty, ``.`` or ``..`` segments, slashes or control
+    characters in the container, encoded or literal path tricks, over-long names."""
+    kind = "bucket" if scheme == "s3" else "container"
+    if not container or container in (".", "..") or "/" in container or "\\" in container:
+        raise ObjectNameError(f"invalid {scheme} {kind} name", value=container)
+    if any(ord(c) < 0x20 or c == "\x7f" for c in container + name):
+        raise ObjectNameError(f"{scheme} names may not hold control characters", value=container + "/" + name)
+    if len(container.encode()) > MAX_CONTAINER_BYTES:
+        raise ObjectNameError(f"{scheme} {kind} name longer than {MAX_CONTAINER_BYTES} bytes", value=container)
+    if scheme == "s3" and (not _S3_BUCKET.fullmatch(container) or ".." in container):
+        raise ObjectNameError("invalid S3 bucket name (3-63 characters: a-z, 0-9, '.', '-')", value=container)
+    if not name:
+        raise ObjectNameError(f"empty {scheme} object name", value=name)
+    if len(name.encode()) > MAX_OBJECT_BYTES:
+        raise ObjectNameError(f"{scheme} object name longer than {MAX_OBJECT_BYTES} bytes", value=len(name.encode()))
+    for seg in name.split("/"):
+        if seg in ("", ".", ".."):
+            raise ObjectNameError(f"{scheme} object name with an empty, '.' or '..' segment", value=name)
+
+
 def parse_destination(dest: str | os.PathLike[str]) -> tuple[str, str, str]:
-    """``(scheme, container_or_bucket, name)``; for local files ``("file", "", path)``."""
+    """``(scheme, container_or_bucket, name)``; for local files ``("file", "", path)``.
+
+    Object-store names are validated here (:func:`check_object_name`), before any request is made.
+    """
     text = os.fspath(dest)
     if "://" not in text:
         if not text:
@@ -109,13 +150,19 @@ def parse_destination(dest: str | os.PathLike[str]) -> tuple[str, str, str]:
         return "file", "", urllib.parse.unquote(parsed.path)
     if scheme in ("swift", "s3"):
         container = parsed.netloc
-        name = urllib.parse.unquote(parsed.path.lstrip("/"))
         if parsed.query or parsed.fragment:
             raise ValueError(f"{scheme} destination takes no query or fragment: {text}")
+        # An encoded slash or backslash would be one segment here and a separator to the server.
+        if re.search(r"%(2f|5c)", text, re.IGNORECASE):
+            raise ObjectNameError(f"{scheme} URL with an encoded slash (%2F or %5C)", value=text)
+        if "%" in container:
+            raise ObjectNameError(f"{scheme} {'bucket' if scheme == 's3' else 'container'} name may not be "
+                                  "percent-encoded", value=container)
+        raw_name = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
+        name = urllib.parse.unquote(raw_name)
         if not container or not name:
             raise ValueError(f"{scheme} destination must be {scheme}://{'container' if scheme == 'swift' else 'bucket'}/name: {text}")
-        if scheme == "swift" and "/" in container:  # pragma: no cover - urlsplit never puts '/' in netloc
-            raise ValueError(f"swift container name cannot contain '/': {text}")
+        check_object_name(scheme, container, name)
         return scheme, container, name
     raise ValueError(f"unsupported destination scheme {scheme!r} (use a path, file://, swift:// or s3://): {text}")
 

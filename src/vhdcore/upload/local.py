@@ -4,24 +4,79 @@ The bytes go to a temporary name in the target directory (same file system, so t
 atomic); ``close()`` fsyncs the file, renames it over the final name and fsyncs the directory, so after a
 crash the final name holds either the previous file or the whole new one, never a prefix. ``abort()``
 removes the temporary file. Nothing is visible at the final name before ``close()``.
+
+The temporary file (``.<name>.<random>.part``) is held under an exclusive ``flock`` for the sink's life. A run
+killed mid-export leaves its part file behind, unheld: the next sink opened for the same destination removes
+every such part file that nobody holds (a concurrent export to the same name keeps its own) and lists them in
+``leftovers_removed``.
+
+With ``device=True`` an existing block device at ``path`` is written in place (no temporary file, no rename):
+the caller has checked that it was named explicitly (:func:`vhdcore.destination.check_destination`).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 import time
 from typing import Any
 
+from ..destination import fsync_dir
 from ..progress import ProgressCallback, as_progress
 from . import Sink, UploadResult
 
-__all__ = ["LocalSink"]
+__all__ = ["LocalSink", "remove_stale_parts"]
 
 KiB = 1024
 # Writing fresh file space in pieces of <= 256 KiB runs ~6x faster on this class of machine than 2 MiB
 # writes (page-cache first touch; see machine-facts), so large writes are cut to this size.
 _WRITE_PIECE = 256 * KiB
+
+
+def remove_stale_parts(path: str) -> list[str]:
+    """Remove the part files a killed sink for ``path`` left (``.<name>.*.part`` that no process holds locked).
+
+    Each candidate is opened without following symlinks and must be a regular file; it is removed only while we
+    hold its lock and only if the name still leads to the file we locked.
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    prefix = f".{base}."
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".part")) or "/" in name[len(prefix):]:
+            continue
+        cand = os.path.join(directory, name)
+        try:
+            fd = os.open(cand, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    continue  # a live export is writing it
+                raise
+            now = os.lstat(cand)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(cand)
+                removed.append(cand)
+        except FileNotFoundError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 class LocalSink(Sink):
@@ -41,6 +96,7 @@ class LocalSink(Sink):
         md5: bool = False,
         mode: int = 0o666,
         progress: ProgressCallback | None = None,
+        device: bool = False,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.destination = self.path
@@ -55,9 +111,20 @@ class LocalSink(Sink):
         directory, base = os.path.split(self.path)
         if not base:
             raise IsADirectoryError(f"destination is a directory: {self.path}")
+        self.leftovers_removed: list[str] = []
+        self.device = False
+        if device:
+            with contextlib.suppress(FileNotFoundError):
+                self.device = stat.S_ISBLK(os.stat(self.path).st_mode)
+        if self.device:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            self._tmp = ""
+            return
         if not overwrite and os.path.lexists(self.path):
             raise FileExistsError(f"destination exists: {self.path}")
+        self.leftovers_removed = remove_stale_parts(self.path)
         self._fd, self._tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=directory)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours alone: a fresh name nobody else has opened
         # mkstemp creates 0600; give the file the permissions a plain open() would (mode & ~umask).
         umask = os.umask(0)
         os.umask(umask)
@@ -90,18 +157,16 @@ class LocalSink(Sink):
                 os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
-            if self.overwrite:
+            if self.device:
+                pass  # written in place
+            elif self.overwrite:
                 os.replace(self._tmp, self.path)
             else:
                 # link() fails if the name appeared meanwhile, instead of silently replacing it
                 os.link(self._tmp, self.path)
                 os.unlink(self._tmp)
-            if self.fsync:
-                dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+            if self.fsync and not self.device:
+                fsync_dir(os.path.dirname(self.path))
         except BaseException:
             self.abort()
             raise
@@ -111,6 +176,8 @@ class LocalSink(Sink):
             size=self.bytes_written,
             etag=self._md5.hexdigest() if self._md5 is not None else None,
             elapsed=time.monotonic() - self._t0,
+            extra={"warnings": [f"removed {p}, left by an earlier export to this destination that did not finish"
+                                for p in self.leftovers_removed]} if self.leftovers_removed else {},
         )
         self.progress(self.bytes_written, self.bytes_written, state="saving", destination=self.path)
         return self.result
@@ -125,10 +192,9 @@ class LocalSink(Sink):
             except OSError:
                 pass
             self._fd = -1
-        try:
-            os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
+        if self._tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
 
     def __del__(self) -> None:
         # A sink dropped without close() must not leave its temporary file behind.

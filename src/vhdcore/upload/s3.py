@@ -19,7 +19,7 @@ import hashlib
 import os
 from typing import Any
 
-from . import UploadError
+from . import UploadError, check_object_name
 from .segmented import CountingReader, EtagMismatch, Segment, SegmentedSink
 
 __all__ = ["S3Sink", "multipart_etag"]
@@ -76,8 +76,7 @@ class S3Sink(SegmentedSink):
         client: Any = None,
         **opts: Any,
     ) -> None:
-        if not bucket or not key:
-            raise ValueError("S3 destination needs a bucket and a key")
+        check_object_name("s3", bucket, key)  # before any request (also for direct API callers)
         size = part_size or segment_size or 128 * MiB
         super().__init__(f"s3://{bucket}/{key}", segment_size=size, **opts)
         self.bucket = bucket

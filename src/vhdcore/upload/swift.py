@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from . import UploadError, UploadResult
+from . import UploadError, UploadResult, check_object_name
 from .segmented import CountingReader, EtagMismatch, Segment, SegmentedSink
 
 __all__ = ["SwiftSink", "slo_etag"]
@@ -147,10 +147,8 @@ class SwiftSink(SegmentedSink):
         leave_old_segments: bool = False,
         **opts: Any,
     ) -> None:
-        if not container or "/" in container:
-            raise ValueError(f"invalid Swift container name: {container!r}")
-        if not obj:
-            raise ValueError("empty Swift object name")
+        check_object_name("swift", container, obj)  # before any request (also for direct API callers)
+        check_object_name("swift", segment_container or f"{container}_segments", obj)
         super().__init__(f"swift://{container}/{obj}", segment_size=segment_size, **opts)
         self.container = container
         self.obj = obj
