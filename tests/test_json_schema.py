@@ -92,6 +92,13 @@ def outputs(tmp_path_factory) -> dict[str, object]:
     doc("verify", "verify", "e.vhd.gz")
     doc("image", "image", "child2.vhd", "i.vhd.zst")
     doc("coalesce", "coalesce", "snap.vhd", "--verify")
+    doc("compare", "compare", "child2.vhd", "c.vhd")
+    doc("measure", "measure", "child2.vhd")
+    doc("resize", "resize", "new.vhd", "3M")
+    cli("snapshot", "child1.vhd", "other.vhd", cwd=d)
+    doc("setparent", "set-parent", "other.vhd", "child1.vhd")
+    cli("snapshot", "child1.vhd", "moving.vhd", cwd=d)
+    doc("rebase", "rebase", "moving.vhd", "child2.vhd")
     return out
 
 

@@ -43,6 +43,7 @@ class CompareResult:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["a_size"], d["b_size"] = d.pop("size_a"), d.pop("size_b")  # sizes end in _size (docs/json.md)
         d["size_mismatch"] = self.size_mismatch
         return d
 

@@ -44,7 +44,10 @@ class SetParentReport:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # docs/json.md: the disk changed is the `path`, a parent's file a `parent_path`.
+        d = asdict(self)
+        d["path"], d["parent_path"] = d.pop("child"), d.pop("parent")
+        return d
 
 
 def journal_path(child: str) -> str:
