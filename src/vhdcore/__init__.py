@@ -51,6 +51,11 @@ _LAZY = {
     "export": "export",
     "ExportReport": "export",
     "verify": "export",
+    "compare": "compare",
+    "measure": "measure",
+    "resize": "resize",
+    "set_parent": "setparent",
+    "rebase": "rebase",
 }
 
 
