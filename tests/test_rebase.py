@@ -66,7 +66,7 @@ def test_vhd_util_reads_the_rebased_chain(tmp_path: Path) -> None:
     parents = {p: file_sha256(p) for p in (a, b)}
     rep = vhdcore_cli("rebase", child, b, "--json")
     doc = json.loads(rep.stdout)
-    assert doc["bytes_copied"] > 0 and doc["new_parent"] == str(b)
+    assert doc["bytes_copied"] > 0 and doc["parent_path"] == str(b)
     assert vhd_util("query", "-n", child, "-p").stdout.strip() == str(b)
     assert vhd_util("check", "-n", child, "-p").returncode == 0
     assert vhd_util_read(child, SIZE) == bytes(model)

@@ -210,7 +210,9 @@ class _Reporter:
             if self.finished:
                 return
             self.finished = True
-            last = self._event or {"stage": self.command or "work", "done": 0, "total": None}
+            # A job that fails before its first report (a refused destination) still ends with every key.
+            last = self._event or {"stage": self.command or "work", "done": 0, "total": None, "percent": None,
+                                   "task_percent": 0.0, "rate": None}
             ev = dict(last)
             now = time.monotonic()
             ev.update(command=self.command or None, elapsed=round(now - self._t0, 3), time=utc_now(), eta=None)
