@@ -193,7 +193,8 @@ def parent_locators_for(parent_path: str, child_path: str) -> tuple[str, list[tu
 
     As libvhd's own snapshots: the path relative to the child in every locator, MacX first (libvhd takes the
     first locator that resolves, in slot order). No absolute path: a copied chain must open its own copies,
-    in vhdcore and in vhd-util, even while the originals exist.
+    in vhdcore and in vhd-util, even while the originals exist. The name is the parent's file name, as libvhd
+    records it (its check refuses a name that differs from the locators' base name).
     """
     parent_abs = os.path.abspath(parent_path)
     rel = os.path.relpath(parent_abs, os.path.dirname(os.path.abspath(child_path)))
@@ -206,7 +207,8 @@ def parent_locators_for(parent_path: str, child_path: str) -> tuple[str, list[tu
         (b"W2ku", windows.encode("utf-16-le")),
         (b"W2ru", windows.encode("utf-16-le")),
     ]
-    return rel[2:] if rel.startswith("./") else rel, locs
+    # The parent unicode name is the file name alone: libvhd's check wants it to match the locators' base name.
+    return os.path.basename(parent_abs), locs
 
 
 def snapshot(parent: str | os.PathLike[str], child: str | os.PathLike[str], *,
