@@ -42,6 +42,8 @@ HOST_OS_MAC = b"Mac "
 # (its force_size); libvhd gives it no meaning. With the specification's geometry, both read the full size.
 CREATOR_APP = b"qem2"
 CREATOR_VERSION = 0x00010000
+# Creators for which qemu (block/vpc.c) takes the footer's current size rather than the CHS geometry.
+QEMU_TRUSTED_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 # What vhdcore wrote before (with the maximum geometry when the size was not a CHS size): such footers are
 # re-made under the current policy when vhdcore rewrites a disk; any other creator is kept.
 OLD_CREATOR_APP = b"vhdc"
