@@ -29,7 +29,9 @@ write = st.one_of(
     # vhdcore: any byte offset and length, partial sectors and blocks
     st.tuples(st.just("vhdcore"), st.integers(0, SIZE - 1), st.integers(1, 200_000)),
 )
-layer = st.tuples(st.sampled_from(["libvhd", "vhdcore"]), st.sampled_from([2 * MiB, 256 * 1024]),
+# 2 MiB blocks only, as XenServer makes them: libvhd's vhd_io_write and read -r fail (-ERANGE) past the first
+# 2 MiB of disks with smaller blocks, a libvhd limit rather than a property of what vhdcore writes.
+layer = st.tuples(st.sampled_from(["libvhd", "vhdcore"]), st.just(2 * MiB),
                   st.lists(write, min_size=1, max_size=5))
 
 
