@@ -23,6 +23,7 @@ from vhdcore.exceptions import (
     ReadOnlyError,
     UnsupportedFeatureError,
 )
+from vhdcore.geometry import chs_from_size
 from vhdcore.image import BLOCK_DATA_ALIGNMENT, Image
 from vhdcore.structs import (
     BATMAP_COOKIE,
@@ -404,7 +405,7 @@ def build_tap_file(path: Path, size: int = 8 * MiB, block_size: int = 2 * MiB) -
     block0 = bm_end
     footer = Footer(features=2, format_version=0x00010000, data_offset=512, timestamp=700_000_000,
                     creator_app=b"tap\0", creator_version=0x00010003, creator_os=b"Wi2k", original_size=size,
-                    current_size=size, geometry=0xFFFF10FF, disk_type=int(DiskType.DYNAMIC), checksum=0,
+                    current_size=size, geometry=chs_from_size(size).pack(), disk_type=int(DiskType.DYNAMIC), checksum=0,
                     unique_id=uuid.uuid4(), saved_state=0).pack()
     header = DynamicHeader(data_offset=NO_DATA_OFFSET, table_offset=1536, header_version=0x00010000,
                            max_table_entries=mte, block_size=block_size, checksum=0,

@@ -64,6 +64,13 @@ def chs_from_size(size: int) -> Geometry:
     return Geometry(cth // heads, heads, spt)
 
 
+def libvhd_chs(size: int) -> Geometry:
+    """The largest geometry libvhd accepts for a disk of ``size`` bytes (its ``vhd_chs``: the specification's
+    algorithm on the size rounded up to whole sectors, at least one). ``vhd-util check`` rejects a footer whose
+    packed geometry is larger ("geometry too large")."""
+    return chs_from_size(max(1, -(-size // SECTOR_SIZE)) * SECTOR_SIZE)
+
+
 def geometry_for_new_disk(size: int) -> Geometry:
     """Geometry to record in a disk we create: the specification's, computed from the size.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..chain import Disk, open_chain
-from ..geometry import MAX_GEOMETRY, chs_from_size, timestamp_to_datetime
+from ..geometry import MAX_GEOMETRY, libvhd_chs, timestamp_to_datetime
 from ..image import Image
 from ..structs import QEMU_TRUSTED_CREATORS
 from ._common import add_open_arguments, human, print_json
@@ -38,7 +38,7 @@ def layer_info(img: Image) -> dict:
         # What the two readers that look at creator and geometry make of them (README: compatibility).
         "qemu_size": img.size if (f.creator_app in QEMU_TRUSTED_CREATORS or img.geometry == MAX_GEOMETRY)
         else img.chs_size,
-        "libvhd_geometry_ok": img.geometry.pack() <= chs_from_size(img.size).pack(),
+        "libvhd_geometry_ok": img.geometry.pack() <= libvhd_chs(img.size).pack(),
     }
     if img.is_fixed:
         d.update(block_size=None, allocated_blocks=None, allocated_bytes=img.size)
