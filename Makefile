@@ -1,7 +1,7 @@
 # The two commands the README promises: `make demo` and `make test`. Both set themselves up.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-cython test-python bench fuzz clean
+.PHONY: setup demo test test-cython test-python bench fuzz dist clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -24,5 +24,9 @@ fuzz: setup
 	.venv/bin/python fuzz/fuzz_vhd.py fuzz/corpus -fork=2 -max_len=128 -len_control=0 \
 		-max_total_time=$${FUZZ_SECONDS:-3600} -timeout=20 -rss_limit_mb=4096
 
+# Release files in dist/: the sdist (with the generated C file, tests, docs, LICENSE) and the manylinux wheel.
+dist: setup
+	PYTHON=$(PY) bash scripts/dist.sh dist
+
 clean:
-	rm -rf build .venv src/vhdcore/*.so src/vhdcore/_coalesce.c
+	rm -rf build dist .venv src/vhdcore/*.so src/vhdcore/_coalesce.c

@@ -41,7 +41,7 @@ stamp=.venv/.vhdcore-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
    || [ src/vhdcore/_coalesce.pyx -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test,export,bench]"
+  .venv/bin/python -m pip install -q -e ".[test,swift,s3,bench,dist]"
   touch "$stamp"
 fi
 .venv/bin/python -c "import vhdcore; assert vhdcore.BACKEND == 'cython', vhdcore.BACKEND"

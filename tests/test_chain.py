@@ -232,6 +232,44 @@ def test_parent_in_other_directory_needs_parent_dirs(tmp_path: Path) -> None:
         assert d.layers[1].path == str((moved / "base.vhd").resolve())
 
 
+def test_snapshot_into_a_subdirectory_opens_without_parent_dir(tmp_path: Path) -> None:
+    """`snapshot c2.vhd sub/c3.vhd` then `info sub/c3.vhd`: the locator only climbs (..\\c2.vhd), so it is
+    followed, and so is c2's own parent beside it; two levels down as well. The CLI prints no error."""
+    import subprocess
+    import sys
+
+    paths, model = build_chain(tmp_path, 2, size=2 * MiB, writes=5)
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    vhdcore.snapshot(paths[-1], tmp_path / "sub" / "c3.vhd").close()
+    vhdcore.snapshot(tmp_path / "sub" / "c3.vhd", tmp_path / "sub" / "deeper" / "c4.vhd").close()
+    vhdcore.snapshot(paths[0], tmp_path / "sub" / "deeper" / "from-base.vhd").close()
+    for leaf, depth in (("sub/c3.vhd", 3), ("sub/deeper/c4.vhd", 4), ("sub/deeper/from-base.vhd", 2)):
+        with vhdcore.open(tmp_path / leaf) as d:
+            assert len(d.layers) == depth
+            if depth > 2:
+                assert d.read(0, d.size) == bytes(model)
+        r = subprocess.run([sys.executable, "-m", "vhdcore", "info", leaf], cwd=tmp_path, capture_output=True,
+                           text=True)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_parent_not_found_says_what_to_do(tmp_path: Path) -> None:
+    """A parent in a sibling directory still needs --parent-dir, and the message says so."""
+    import subprocess
+    import sys
+
+    (tmp_path / "parents").mkdir()
+    (tmp_path / "children").mkdir()
+    vhdcore.create(tmp_path / "parents" / "base.vhd", 1 * MiB).close()
+    vhdcore.snapshot(tmp_path / "parents" / "base.vhd", tmp_path / "children" / "c.vhd").close()
+    r = subprocess.run([sys.executable, "-m", "vhdcore", "info", str(tmp_path / "children" / "c.vhd")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "--parent-dir DIR" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run([sys.executable, "-m", "vhdcore", "info", str(tmp_path / "children" / "c.vhd"),
+                        "--parent-dir", str(tmp_path / "parents")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 def test_parent_mismatch(tmp_path: Path, base_disk) -> None:
     base, _ = base_disk
     child = tmp_path / "child.vhd"

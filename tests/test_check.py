@@ -173,7 +173,7 @@ def test_cli_exit_status_and_json(tmp_path, capsys) -> None:
     B.set_bat(lay, 2, 1)
     assert cli.main(["check", "--json", str(lay.path)]) == 1
     doc = json.loads(capsys.readouterr().out)
-    assert doc["clean"] is False and doc["errors"] == 3
+    assert doc["clean"] is False and doc["error_count"] == 3 and doc["warnings"] == []
     got = [(f["code"], f["offset"], f["field"]) for f in doc["findings"]]
     assert got == [("BAT_ENTRY_IN_METADATA", 1544, "bat[2]"), ("BAT_ENTRY_IN_METADATA", 1544, "bat[2]"),
                    ("BAT_ENTRY_OVERLAP", 1540, "bat[1]")]

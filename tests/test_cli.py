@@ -123,7 +123,7 @@ def test_create_snapshot_convert_json(tmp_path: Path) -> None:
     with vhdcore.open(base, "r+") as d:
         d.write(3 * MiB, b"x" * 5000)
     snap = json.loads(vhdcore_cli("snapshot", "--json", base, child).stdout)
-    assert set(snap) == {"path", "parent", "unique_id", "parent_unique_id", "chain_depth"}
+    assert set(snap) == {"path", "parent_path", "unique_id", "parent_unique_id", "chain_depth", "warnings"}
     assert snap["chain_depth"] == 2 and snap["parent_unique_id"] == info["unique_id"]
     with vhdcore.open(child, "r+") as d:
         d.write(0, b"y" * 100)

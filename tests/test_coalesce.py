@@ -493,10 +493,13 @@ def test_locks(tmp_path) -> None:
 
 
 def _damage_during(parent, victim, at_call=2):
-    """A progress callback that overwrites 8 bytes of the target file at ``victim`` on its ``at_call``-th call."""
+    """A progress callback that overwrites 8 bytes of the target file at ``victim`` on the ``at_call``-th call of
+    the merge (verify's own hashing passes report progress too, as state "verifying")."""
     calls = []
 
-    def progress(done, total):
+    def progress(done, total, **info):
+        if info.get("state") != "coalescing":
+            return
         calls.append((done, total))
         if len(calls) == at_call:
             fd = os.open(parent, os.O_WRONLY)
@@ -589,10 +592,10 @@ def test_cli_json(tmp_path, capsys) -> None:
     parent, child, model = layered_chain(tmp_path, target="differencing")
     assert cli.main(["coalesce", str(child), "--verify", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("blocks_copied", "bytes_copied", "blocks_allocated", "target_growth", "shadowed_bytes",
-                "shadowed_sectors", "seconds", "throughput_mb_s", "verify_seconds", "zero_blocks_skipped"):
+    for key in ("blocks_copied", "bytes_copied", "blocks_allocated", "destination_growth", "shadowed_bytes",
+                "shadowed_sectors", "seconds", "throughput", "verify_seconds", "zero_blocks_skipped"):
         assert key in out
-    assert out["verified"] is True and out["target"] == str(parent)
+    assert out["verified"] is True and out["destination"] == str(parent) and out["source"] == str(child)
     assert content(parent) == model
 
 
@@ -607,7 +610,8 @@ def test_cli_refusal_is_one_line(tmp_path) -> None:
                         "--progress", "json", "--remove-child"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in (r.stdout + r.stderr).splitlines() if x.startswith("{")]
-    assert lines[-1]["done"] == lines[-1]["total"] > 0 and lines[-1]["state"] == "coalescing"
+    assert lines[-1]["done"] == lines[-1]["total"] > 0 and lines[-1]["state"] == "complete"
+    assert [x["state"] for x in lines].count("complete") == 1 and lines[-2]["state"] == "coalescing"
     assert "removed" in r.stdout and not paths[1].exists()
 
 

@@ -312,13 +312,15 @@ def test_progress_goes_through_the_imaging_states(chain: tuple[Path, bytes], tmp
     assert [d for d, _, _ in saving] == sorted(d for d, _, _ in saving)
     last = seen[-1][2]
     assert last["read"] == rep.bytes_read and last["compressed"] == rep.size and last["sent"] == rep.size
-    # the CLI's JSON lines carry the seed's 25/50/100 scale
+    # the CLI's JSON lines: the states, then one complete event at 100 % of the job
     r = subprocess.run([sys.executable, "-m", "vhdcore", "export", str(leaf), str(tmp_path / "q.vhd.gz"),
                         "--progress", "json", "--no-fsync", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stderr.splitlines()]
-    assert lines[0]["task_percent"] == 25.0 and lines[-1]["state"] == "complete" and lines[-1]["task_percent"] == 100.0
-    assert any(x["state"] == "saving" and 50.0 <= x["task_percent"] <= 100.0 for x in lines)
+    assert lines[0]["state"] == "preparing" and lines[0]["command"] == "export"
+    assert lines[-1]["state"] == "complete" and lines[-1]["task_percent"] == 100.0
+    assert [x["state"] for x in lines].count("complete") == 1
+    assert any(x["state"] == "saving" and 0.0 <= x["task_percent"] <= 100.0 for x in lines)
     doc = json.loads(r.stdout)
     assert doc["compression"] == "gzip" and doc["digests"]["md5"] == hashlib.md5(
         (tmp_path / "q.vhd.gz").read_bytes()).hexdigest()
@@ -330,8 +332,9 @@ def test_progress_bar_on_a_terminal(chain: tuple[Path, bytes], tmp_path: Path) -
     from vhdcore.progress import TerminalBar
 
     screen = io.StringIO()
-    export(chain[0], tmp_path / "bar.vhd.zst", fsync=False,
-           progress=TerminalBar("export", stream=screen, min_interval=0, force_tty=True))
+    bar = TerminalBar("export", stream=screen, min_interval=0, force_tty=True)
+    export(chain[0], tmp_path / "bar.vhd.zst", fsync=False, progress=bar)
+    bar.finish()
     lines = screen.getvalue().split("\r")
     assert any("preparing" in x for x in lines) and any("saving" in x for x in lines)
     assert "100.0%" in lines[-1] and "complete" in lines[-1]

@@ -1,5 +1,7 @@
+"""``python -m vhdcore``: the same command line as the ``vhdcore`` script."""
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

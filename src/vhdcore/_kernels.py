@@ -38,8 +38,10 @@ def _select() -> tuple[str, ModuleType]:
     try:
         return "cython", load_backend("cython")
     except ImportError as exc:
+        # Reached by an install built without a working C compiler (setup.py's fallback) or a checkout never built.
         warnings.warn(f"vhdcore: Cython kernels unavailable ({exc}); using the pure-Python twin, which is slower. "
-                      "Build them with: pip install --no-build-isolation -e .", RuntimeWarning, stacklevel=2)
+                      "To build them, install a C compiler, then: pip install --no-cache-dir --force-reinstall "
+                      "--no-deps vhdcore (in a checkout: make setup)", RuntimeWarning, stacklevel=2)
         return "python", load_backend("python")
 
 

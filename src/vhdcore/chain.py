@@ -69,7 +69,24 @@ def _within(path: str, dirs: Iterable[str]) -> bool:
     return False
 
 
-def _opened_outside(img: Image, allowed_dirs: Sequence[str]) -> str | None:
+def _climb_dirs(child_dir: str) -> set[str]:
+    """The child's own directory and every directory above it (exactly these, not their subtrees).
+
+    A relative locator that only climbs (``..\\parent.vhd``, what ``snapshot parent.vhd sub/child.vhd``
+    writes) names a parent in one of them: it is followed without ``--parent-dir``, while one that climbs and
+    then descends elsewhere (``..\\other\\parent.vhd``) still needs that directory named.
+    """
+    out = set()
+    d = child_dir
+    while True:
+        out.add(d)
+        up = os.path.dirname(d)
+        if up == d:
+            return out
+        d = up
+
+
+def _opened_outside(img: Image, allowed_dirs: Sequence[str], exact_dirs: Iterable[str] = ()) -> str | None:
     """The real path of the file ``img`` has open if it lies outside ``allowed_dirs``, else None.
 
     Candidates are checked by path and then opened by path; someone renaming a directory inside an allowed
@@ -86,10 +103,11 @@ def _opened_outside(img: Image, allowed_dirs: Sequence[str]) -> str | None:
         except OSError:
             return real
         same = (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
-        return None if same and _within(real, allowed_dirs) else real
+        inside = _within(real, allowed_dirs) or os.path.dirname(real) in set(exact_dirs)
+        return None if same and inside else real
     if real.endswith(" (deleted)"):
         real = real[: -len(" (deleted)")]
-    return None if _within(real, allowed_dirs) else real
+    return None if _within(real, allowed_dirs) or os.path.dirname(real) in set(exact_dirs) else real
 
 
 def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
@@ -102,6 +120,7 @@ def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
     tried: list[str] = []
     mismatched: list[str] = []
     seen: set[str] = set()
+    climb = _climb_dirs(child_dir)
     for source, raw in child.parent_candidates():
         for name in _candidate_names(source, raw):
             if "\0" in name:
@@ -116,12 +135,15 @@ def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
                 # moved to a directory the caller names (--parent-dir) is found.
                 cands = [os.path.join(child_dir, name)] + [os.path.join(d, posixpath.basename(name))
                                                            for d in allowed_dirs]
-            for cand in cands:
+            for i, cand in enumerate(cands):
                 real = os.path.realpath(cand)
                 if real in seen:
                     continue
                 seen.add(real)
-                if not _within(real, allowed_dirs):
+                # the locator's own relative path, climbing only: the directory is exactly one above the child
+                exact = {os.path.dirname(real)} if i == 0 and not posixpath.isabs(name) and \
+                    os.path.dirname(real) in climb else set()
+                if not _within(real, allowed_dirs) and not exact:
                     tried.append(f"{source} {raw!r} -> {real} (outside the allowed directories, refused)")
                     continue
                 try:
@@ -137,7 +159,7 @@ def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
                                           field="parent locator", value=raw)
                 try:
                     with Image(real, "r", strict=False) as cand_img:
-                        escaped = _opened_outside(cand_img, allowed_dirs)
+                        escaped = _opened_outside(cand_img, allowed_dirs, exact)
                         uid = cand_img.unique_id
                 except VHDError as e:
                     tried.append(f"{source} {raw!r} -> {real} (not a usable VHD: {e.message})")
@@ -157,7 +179,9 @@ def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
             " the parent was replaced or modified", path=child.path, offset=hoff + 40,
             field="header.parent_unique_id", value=str(expected))
     raise ParentNotFoundError(
-        "parent disk not found in the allowed directories", tried=tried, path=child.path, offset=hoff + 64,
+        "parent disk not found in the allowed directories (the child's own, those above it that a relative "
+        "locator climbs to, and --parent-dir ones); if it lies elsewhere, name its directory with --parent-dir DIR "
+        "(parent_dirs= in Python)", tried=tried, path=child.path, offset=hoff + 64,
         field="header.parent_unicode_name", value=child.header.parent_unicode_name)
 
 
@@ -395,12 +419,12 @@ def open_layers(
                 ppath = on_mismatch(img, allowed, e)
                 accept_other_id = True
             parent = Image(ppath, "r", strict=strict)
-            escaped = _opened_outside(parent, allowed)
+            escaped = _opened_outside(parent, allowed, _climb_dirs(os.path.dirname(os.path.realpath(img.path))))
             if escaped is not None:
                 parent.close()
                 raise ParentNotFoundError(
                     f"parent {ppath} turned out to be {escaped}, outside the allowed directories (the path "
-                    "changed after it was checked); refused", tried=[f"{ppath} -> {escaped}"], path=img.path,
+                    "changed after it was checked); refused (name its directory with --parent-dir DIR if meant)", tried=[f"{ppath} -> {escaped}"], path=img.path,
                     offset=img.footer.data_offset + 64, field="header.parent_unicode_name",
                     value=img.header.parent_unicode_name)
             if _identity(parent) in seen:

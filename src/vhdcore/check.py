@@ -236,7 +236,8 @@ class CheckReport:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "clean": self.clean, "chain": self.chain, "layers": list(self.layers),
-                "errors": len(self.errors), "warnings": len(self.warnings),
+                "error_count": len(self.errors), "warning_count": len(self.warnings),
+                "warnings": [str(f) for f in self.warnings],
                 "findings": [f.to_dict() for f in self.findings]}
 
 

@@ -20,6 +20,7 @@ COMMANDS = ["info", "map", "create", "snapshot", "convert", "coalesce", "check",
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE, as a shell reports a process the signal ended
 
 
 def _load_commands() -> list:
@@ -38,6 +39,27 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _report(args: argparse.Namespace, e: BaseException) -> None:
+    """One line on stderr; with --json also the error object (docs/json.md) on stdout."""
+    print(f"vhdcore {args.command}: error: {e}", file=sys.stderr)
+    if getattr(args, "json", False):
+        from .cmd._common import print_json_error
+
+        try:
+            print_json_error(e)
+        except BrokenPipeError:
+            pass
+
+
+def _broken_pipe() -> int:
+    """The reader went away (``| head``): end quietly with the status a process killed by SIGPIPE has (141),
+    and keep Python from complaining about the unflushed stdout at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,21 +81,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = os.environ.get("VHDCORE_DEBUG") == "1"
     try:
-        return int(args._run(args) or 0)
+        rc = int(args._run(args) or 0)
+        sys.stdout.flush()  # a reader gone away shows here, inside the handler, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        return _broken_pipe()
     except VHDError as e:
         if debug:
             raise
-        print(f"vhdcore {args.command}: error: {e}", file=sys.stderr)
+        _report(args, e)
         return getattr(e, "exit_status", EXIT_ERROR)
+    except ModuleNotFoundError as e:
+        # A library an optional feature needs (an extra not installed) or a core one removed after install.
+        if debug:
+            raise
+        from ._extras import install_hint
+
+        print(f"vhdcore {args.command}: error: {e}; install it with: {install_hint(e.name or '')}", file=sys.stderr)
+        return EXIT_ERROR
     except (OSError, ValueError) as e:
         if debug:
             raise
-        print(f"vhdcore {args.command}: error: {e}", file=sys.stderr)
+        _report(args, e)
         return EXIT_ERROR
-    except BrokenPipeError:
-        # The reader went away (| head): not an error of ours; keep Python from complaining at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except KeyboardInterrupt:
         print(f"vhdcore {args.command}: interrupted", file=sys.stderr)
         return 130

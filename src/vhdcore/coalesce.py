@@ -53,7 +53,7 @@ from .exceptions import (
 )
 from .coalesce_writer import TargetWriter, WriteIO, pieces
 from .image import Image
-from .progress import as_progress
+from .progress import Stages, as_progress
 from .relink import (
     apply_relink,
     dependents,
@@ -129,10 +129,14 @@ class CoalesceReport:
         return self.bytes_copied / merge if merge > 0 else 0.0
 
     def to_dict(self) -> dict:
+        """The JSON form (docs/json.md): the child is the ``source``, the target the ``destination``."""
         d = asdict(self)
         d.update(target_growth=self.target_growth, shadowed_bytes=self.shadowed_bytes,
-                 throughput_mb_s=round(self.throughput / 1e6, 1))
-        return d
+                 throughput=round(self.throughput))
+        out = {"source": d.pop("child"), "destination": d.pop("target")}
+        for k, v in d.items():
+            out[k.replace("target_", "destination_", 1) if k.startswith("target_") else k] = v
+        return out
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -530,15 +534,22 @@ class _Merger:
 # --------------------------------------------------------------------------------------------- verification
 
 
-def _block_digests(disk: Disk, unit: int, limit: int, blocks: Iterable[int]) -> dict[int, bytes]:
+def _block_digests(disk: Disk, unit: int, limit: int, blocks: Iterable[int],
+                   progress: ProgressFn | None = None) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     buf = bytearray(unit)
+    blocks = list(blocks)
+    total = sum(min(unit, limit - b * unit) for b in blocks)
+    done = 0
     for b in blocks:
         v0 = b * unit
         n = min(unit, limit - v0)
         mv = memoryview(buf)[:n]
         disk.readinto(v0, mv)
         out[b] = xxhash.xxh3_128_digest(mv)
+        done += n
+        if progress is not None:
+            progress(done, total, state="verifying")
     return out
 
 
@@ -647,14 +658,19 @@ def coalesce(
                              target_size_before=target.file_size)
         io = WriteIO()
         ios.append(io)
-        merger = _Merger(layers, k, rep, io, batch_bytes, use_copy_range, progress)
+        # With verify the job has three stages (hash the chain, merge, hash the result), each shown as it runs.
+        stages = Stages(progress, {"verify-before": 1, "merge": 2, "verify-after": 1}) if verify and progress \
+            else None
+        merger = _Merger(layers, k, rep, io, batch_bytes, use_copy_range,
+                         stages.stage("merge", "coalescing") if stages else progress)
         rep.block_size = merger.unit
         unit, limit = merger.unit, merger.limit
 
         before: dict[int, bytes] = {}
         if verify:
             tv = time.perf_counter()
-            before = _block_digests(Disk(layers), unit, limit, _data_units(layers, unit, limit))
+            before = _block_digests(Disk(layers), unit, limit, _data_units(layers, unit, limit),
+                                    stages.stage("verify-before", "verifying") if stages else None)
             rep.verify_seconds += time.perf_counter() - tv
 
         merger.run()
@@ -666,9 +682,14 @@ def coalesce(
             after_disk = Disk(fresh + layers[k + 1 :])
             after_units = _data_units(after_disk.layers, unit, limit)
             zero_digest = {}
-            for b in sorted(set(before) | set(int(u) for u in after_units)):
+            check = sorted(set(before) | set(int(u) for u in after_units))
+            vprog = as_progress(stages.stage("verify-after", "verifying") if stages else None)
+            vtotal, vdone = sum(min(unit, limit - b * unit) for b in check), 0
+            for b in check:
                 n = min(unit, limit - b * unit)
                 got = _block_digests(after_disk, unit, limit, [b])[b]
+                vdone += n
+                vprog(vdone, vtotal, state="verifying")
                 want = before.get(b)
                 if want is None:
                     want = zero_digest.setdefault(n, xxhash.xxh3_128_digest(bytes(n)))

@@ -79,7 +79,14 @@ class VerifyReport:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON form (docs/json.md): the copy checked is the ``destination``, what it is checked against
+        the ``source``."""
+        d = dataclasses.asdict(self)
+        names = {"target": "destination", "reference": "source", "target_kind": "destination_kind",
+                 "reference_kind": "source_kind"}
+        out = {names.get(k, k): v for k, v in d.items()}
+        out.setdefault("warnings", [])  # verify has none of its own: a difference is the result, not a warning
+        return out
 
 
 class _Mismatch(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -36,6 +36,7 @@ class ConvertReport:
     zero_bytes_skipped: int
     file_size: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +68,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = 
         rep.source = os.fspath(src)
         rep.seconds = time.perf_counter() - t0
         rep.file_size = os.path.getsize(dst)
+        rep.warnings = list(disk.warnings)
         return rep
 
 

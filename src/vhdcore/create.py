@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .chain import Disk, open_chain
+from .destination import atomic_output  # noqa: F401 - its home moved; convert/compact import it from here
 from .geometry import Geometry, chs_from_size, geometry_for_new_disk, vhd_timestamp
 from .image import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, Image, _is_pow2
 from .structs import (
@@ -93,32 +94,6 @@ def _check_size(size: int, block_size: int | None = None) -> None:
         raise ValueError(f"size {size} is over the VHD limit of 2040 GiB")
     if block_size is not None and not (_is_pow2(block_size) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE):
         raise ValueError(f"block size must be a power of two from 512 bytes to 256 MiB, not {block_size}")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[tuple[int, str]]:
-    """An fd for a temporary file beside ``path``, renamed to ``path`` when the block ends without error."""
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        yield fd, tmp
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: DiskType = DiskType.DYNAMIC,

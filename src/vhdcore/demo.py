@@ -4,7 +4,8 @@
 (e2fsprogs' mkfs.ext4 and debugfs) in an MBR partition (sfdisk), files written and deleted across two snapshots,
 each snapshot holding only the sectors the guest changed, as a hypervisor would write them — and then runs the
 whole imaging job on it: check the chain, print the growth report (why the VHD is bigger than what df shows),
-coalesce, export to a compressed file with the task states and a progress bar, and print the digests.
+export to a compressed file with the task states and a progress bar, print the digests, and (asked for explicitly,
+after the delivery) coalesce the chain into its base in place.
 """
 from __future__ import annotations
 
@@ -140,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = [
         ("vhdcore info", ["info", leaf]),
         ("vhdcore growth", ["growth", leaf]),
-        ("vhdcore image (check, coalesce, compact, export with zstd, digests)",
+        ("vhdcore image (check, preflight, compact, export with zstd, digests, then the explicit in-place merge)",
          ["image", leaf, os.path.join(directory, "server-image.vhd.zst"), "--no-growth", "--compact", "full",
-          "--progress", "bar"]),
+          "--coalesce-in-place", "--progress", "bar"]),
         ("vhdcore info of the coalesced base", ["info", os.path.join(directory, "base.vhd")]),
     ]
     for title, args in steps:

@@ -38,6 +38,9 @@ __all__ = ["export", "ExportReport", "verify", "VerifyReport", "PACKAGES", "MANI
 MiB = 1024 * 1024
 MANIFEST_SUFFIX = ".xxh3.json"
 DEFAULT_DIGESTS = ("md5", "sha256", "sha512")
+# Compressed-file suffixes whose format vhdcore does not write: refused by compression "auto".
+UNSUPPORTED_SUFFIXES = (".bz2", ".tbz2", ".tbz", ".xz", ".txz", ".lzma", ".lz", ".lz4", ".lzo", ".z", ".zip", ".7z",
+                        ".br", ".sz")
 
 
 @dataclasses.dataclass
@@ -100,7 +103,8 @@ class ExportReport:
 
 
 def compression_for(dest: str, compression: str = "auto") -> str:
-    """``auto`` picks by the destination's name: ``.gz``/``.tgz`` gzip, ``.zst``/``.tzst`` zstd, else none."""
+    """``auto`` picks by the destination's name: ``.gz``/``.tgz`` gzip, ``.zst``/``.tzst`` zstd, a suffix of a
+    compression vhdcore does not write (``.bz2``, ``.xz``, ...) is refused, anything else is none."""
     if compression != "auto":
         kind = {"gz": "gzip", "zst": "zstd", "raw": "none"}.get(compression, compression)
         if kind not in COMPRESSIONS:
@@ -111,6 +115,11 @@ def compression_for(dest: str, compression: str = "auto") -> str:
         return "gzip"
     if name.endswith((".zst", ".zstd", ".tzst")):
         return "zstd"
+    other = next((s for s in UNSUPPORTED_SUFFIXES if name.endswith(s)), None)
+    if other is not None:
+        # Writing plain bytes under a name that promises bzip2/xz would mislead every reader of the file.
+        raise ValueError(f"{dest}: the name ends with {other}, a compression vhdcore does not write; use .gz or .zst, "
+                         f"or give --compress none to store it uncompressed under this name")
     return "none"
 
 

@@ -1,12 +1,14 @@
-"""The whole imaging job, the way a pipeline runs it: check, growth report, coalesce, export.
+"""The whole imaging job, the way a pipeline runs it: check, preflight, growth report, export, (coalesce).
 
-A server's disk is a chain base <- snapshot <- ... <- leaf. Imaging checks every layer, reports why the disk is
-the size it is and what the image will cost, merges the chain into its base (so the snapshots' duplicates are
-gone), then packages, compresses, check-sums and delivers the result. Progress is reported with the task states
-the seed orchestrator understands (preparing/coalescing 25 %, saving/uploading 50 %, complete 100 %).
+A server's disk is a chain base <- snapshot <- ... <- leaf. Imaging checks every layer, checks the destination
+can take the image (preflight), reports why the disk is the size it is and what the image will cost, then
+packages, compresses, check-sums and delivers the chain's content, reading through the chain. The source
+files are never written unless the caller asks for the seed pipeline's in-place merge (``coalesce_in_place``),
+which then runs last, once the image is delivered: nothing that can fail before it changes a source byte.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 import time
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .exceptions import VHDError
-from .progress import ProgressCallback, TaskState, as_progress
+from .progress import ProgressCallback, Stages, TaskState, as_progress
 
 
 @dataclass
@@ -32,33 +34,52 @@ class ImagingReport:
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "destination": self.destination, "check": self.check,
                 "growth": self.growth, "coalesce": self.coalesce, "compact": self.compact, "export": self.export,
-                "seconds": self.seconds, "warnings": self.warnings}
+                "seconds": round(sum(self.seconds.values()), 3), "stage_seconds": self.seconds,
+                "warnings": self.warnings}
 
 
 class CheckFailedError(VHDError):
     """The chain has findings severe enough that imaging it would ship a broken disk."""
 
 
-def _stage(progress: ProgressCallback, state: TaskState) -> Callable[..., None]:
-    """A progress callback for one stage that tags every update with the task state."""
+# Each stage's share of the whole job, for the percentage and ETA a user sees: roughly the bytes each moves
+# relative to the export (check and preflight read metadata only; growth reads the file systems' bitmaps).
+STAGE_WEIGHTS = {"check": 2, "preflight": 1, "growth": 10, "compact": 60, "export": 100, "coalesce": 50}
 
-    def cb(done: int, total: int | None = None, **info: Any) -> None:
-        info.pop("state", None)
-        progress(done, total, state=state, **info)
 
-    return cb
+def _preflight(leaf: str, dest: str, *, package: str, compression: str, overwrite: bool,
+               parent_dirs: Sequence[str] | None, export_options: dict[str, Any]) -> dict[str, Any]:
+    """Check the destination can take the worst-case image, before anything long or irreversible starts."""
+    from .chain import open_chain
+    from .export import compression_for, export as do_export
+    from .packages import open_package
+    from .upload.preflight import preflight, worst_case_output
+
+    kind = compression_for(dest, compression)
+    with open_chain(leaf, "r", parent_dirs) as disk:
+        sources = [img.path for img in disk.layers]
+        # zero_scan off: the package as large as it can be, and no read of the data for a number
+        pkg = open_package(package, disk, None, zero_scan=False)
+        size, zero = pkg.size, sum(n for _, n in getattr(pkg, "zero_ranges", ()))
+    manifest = export_options.get("manifest", True) is not False
+    needed = worst_case_output(size, kind, manifest, known_zero=zero)
+    # what export() does not take itself goes to the sink: the same credentials and options the upload will use
+    own = set(inspect.signature(do_export).parameters)
+    sink_options = {k: v for k, v in export_options.items() if k not in own}
+    return preflight(dest, needed=needed, sources=sources, overwrite=overwrite, manifest=manifest, **sink_options)
 
 
 def image(
     leaf: str | os.PathLike[str],
     dest: str | os.PathLike[str],
     *,
-    coalesce: bool = True,
+    coalesce_in_place: bool = False,
     analyse: bool = True,
     package: str = "vhd",
     compression: str = "auto",
     level: int | None = None,
     compact: str | None = None,
+    overwrite: bool = False,
     parent_dirs: Sequence[str] | None = None,
     progress: ProgressCallback | None = None,
     on_stage: Callable[[str, Any], None] | None = None,
@@ -66,25 +87,39 @@ def image(
 ) -> ImagingReport:
     """Image the chain ending at ``leaf`` into ``dest``.
 
-    With ``coalesce`` (the default) every layer above the base is merged into the base and removed, as the
-    seed pipeline does before upload; without it the chain is exported as it is (export reads through it).
-    ``compact`` ("zero", "quick" or "full") first writes a compacted copy of the (coalesced) disk beside it, so
-    deleted-file space and zero blocks are not shipped; the copy is removed after the export.
-    ``on_stage(name, result)`` is called after each stage with its report (for a CLI to print as it goes).
+    The source chain is only read: the image is exported through the chain (the output is byte-identical to
+    exporting a coalesced base). First the chain is checked and the destination preflighted (local: the
+    destination rule, a writable directory, free space for the worst-case output; Swift/S3: authentication
+    and the container or bucket), so a job that cannot deliver fails before it starts.
+
+    ``coalesce_in_place`` also merges every layer above the base into the base and removes them, as the seed
+    pipeline did; it runs only after the image was delivered, so any failure before leaves every source file
+    byte-identical. ``compact`` ("zero", "quick" or "full") first writes a compacted copy of the chain beside
+    the leaf, so deleted-file space and zero blocks are not shipped; the copy is removed after the export.
+    ``overwrite`` allows replacing an existing local destination. ``on_stage(name, result)`` is called after
+    each stage with its report (for a CLI to print as it goes).
     """
     from .check import check as do_check
     from .coalesce import coalesce as do_coalesce
     from .export import export as do_export
     from .growth import growth as do_growth
+    from ._extras import require_scheme
+    from .upload import parse_destination
 
-    prog = as_progress(progress)
     leaf = os.fspath(leaf)
     dest = os.fspath(dest)
+    # Before the coalesce changes the chain: a destination whose client library is missing fails now.
+    require_scheme(parse_destination(dest)[0])
     seconds: dict[str, float] = {}
     warnings: list[str] = []
+    remote = "://" in dest and not dest.startswith("file://")
+    wanted = {"check", "preflight", "export"} | ({"growth"} if analyse else set()) | (
+        {"compact"} if compact else set()) | ({"coalesce"} if coalesce_in_place else set())
+    stages = Stages(progress, {k: w for k, w in STAGE_WEIGHTS.items() if k in wanted})
+    prog = as_progress(progress)
 
     t = time.monotonic()
-    prog(0, None, state=TaskState.PREPARING)
+    stages.stage("check", TaskState.PREPARING)(0, None)
     chk = do_check(leaf, chain=True, parent_dirs=parent_dirs)
     seconds["check"] = round(time.monotonic() - t, 3)
     if on_stage:
@@ -95,17 +130,58 @@ def image(
         raise CheckFailedError(f"chain check found {len(errors)} error(s), first: {first.code}: {first.message}",
                                path=first.path, offset=first.offset, field=first.field)
 
+    t = time.monotonic()
+    stages.stage("preflight", TaskState.PREPARING)(0, None)
+    pre = _preflight(leaf, dest, package=package, compression=compression, overwrite=overwrite,
+                     parent_dirs=parent_dirs, export_options=export_options)
+    seconds["preflight"] = round(time.monotonic() - t, 3)
+    if on_stage:
+        on_stage("preflight", pre)
+
     gr = None
     if analyse:
         t = time.monotonic()
-        gr = do_growth(leaf, parent_dirs=parent_dirs)
+        gr = do_growth(leaf, parent_dirs=parent_dirs, progress=stages.stage("growth", TaskState.PREPARING))
         seconds["growth"] = round(time.monotonic() - t, 3)
         if on_stage:
             on_stage("growth", gr)
 
-    co = None
     source = leaf
-    if coalesce:
+    compacted = None
+    cr = None
+    if compact:
+        from .compact import compact as do_compact
+
+        t = time.monotonic()
+        fd, compacted = tempfile.mkstemp(prefix=".compacted-", suffix=".vhd", dir=os.path.dirname(os.path.abspath(leaf)))
+        os.close(fd)
+        os.unlink(compacted)
+        cr = do_compact(leaf, compacted, mode=compact, parent_dirs=parent_dirs,
+                        progress=stages.stage("compact", TaskState.PREPARING))
+        seconds["compact"] = round(time.monotonic() - t, 3)
+        warnings.extend(getattr(cr, "warnings", []) or [])
+        if on_stage:
+            on_stage("compact", cr)
+        source = compacted
+
+    t = time.monotonic()
+    if not remote:
+        export_options.setdefault("overwrite", overwrite)  # preflight applied the rule; the sink replaces
+    try:
+        ex = do_export(source, dest, package=package, compression=compression, level=level,
+                       parent_dirs=parent_dirs,
+                       progress=stages.stage("export", TaskState.UPLOADING if remote else TaskState.SAVING),
+                       **export_options)
+    finally:
+        if compacted is not None and os.path.exists(compacted):
+            os.unlink(compacted)
+    seconds["export"] = round(time.monotonic() - t, 3)
+    warnings.extend(ex.warnings)
+    if on_stage:
+        on_stage("export", ex)
+
+    co = None
+    if coalesce_in_place:
         from .chain import open_chain
 
         with open_chain(leaf, "r", parent_dirs) as disk:
@@ -114,44 +190,12 @@ def image(
         if depth > 1:
             t = time.monotonic()
             co = do_coalesce(leaf, into=base, remove_child=True, parent_dirs=parent_dirs,
-                             progress=_stage(prog, TaskState.COALESCING))
+                             progress=stages.stage("coalesce", TaskState.COALESCING))
             seconds["coalesce"] = round(time.monotonic() - t, 3)
             warnings.extend(co.warnings)
-            source = base
             if on_stage:
                 on_stage("coalesce", co)
-
-    compacted = None
-    cr = None
-    if compact:
-        from .compact import compact as do_compact
-
-        t = time.monotonic()
-        fd, compacted = tempfile.mkstemp(prefix=".compacted-", suffix=".vhd", dir=os.path.dirname(os.path.abspath(source)))
-        os.close(fd)
-        os.unlink(compacted)
-        cr = do_compact(source, compacted, mode=compact, parent_dirs=parent_dirs,
-                        progress=_stage(prog, TaskState.PREPARING))
-        seconds["compact"] = round(time.monotonic() - t, 3)
-        warnings.extend(getattr(cr, "warnings", []) or [])
-        if on_stage:
-            on_stage("compact", cr)
-        source = compacted
-
-    t = time.monotonic()
-    remote = "://" in dest
-    try:
-        ex = do_export(source, dest, package=package, compression=compression, level=level,
-                       parent_dirs=parent_dirs,
-                       progress=_stage(prog, TaskState.UPLOADING if remote else TaskState.SAVING), **export_options)
-    finally:
-        if compacted is not None and os.path.exists(compacted):
-            os.unlink(compacted)
-    seconds["export"] = round(time.monotonic() - t, 3)
-    warnings.extend(ex.warnings)
-    if on_stage:
-        on_stage("export", ex)
-    prog(1, 1, state=TaskState.COMPLETE)
+    prog(0, None, state=TaskState.COMPLETE)  # for callers that follow the states; a CLI reporter's finish() ends
     return ImagingReport(
         source=leaf, destination=dest, check=chk.to_dict(), growth=gr.to_dict() if gr else None,
         coalesce=co.to_dict() if co else None, compact=cr.to_dict() if cr else None, export=ex.to_dict(),

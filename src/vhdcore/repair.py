@@ -86,7 +86,8 @@ class RepairReport:
         return {"path": self.path, "dry_run": self.dry_run, "changed": self.changed, "clean": self.clean,
                 "actions": [a.to_dict() for a in self.actions], "undo_path": self.undo_path,
                 "not_repaired": list(self.not_repaired),
-                "before": [f.to_dict() for f in self.before], "remaining": [f.to_dict() for f in self.remaining]}
+                "before": [f.to_dict() for f in self.before], "remaining": [f.to_dict() for f in self.remaining],
+                "warnings": [str(f) for f in self.remaining if getattr(f, "severity", "") == "warning"]}
 
 
 def _with_checksum(raw: bytes, field_offset: int) -> bytes:

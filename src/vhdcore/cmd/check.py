@@ -7,7 +7,7 @@ import sys
 
 from ..check import INFO, CheckReport, check
 from ..exceptions import VHDError
-from ._common import print_json
+from ._common import print_json, print_json_error
 
 NAME = "check"
 HELP = "verify a disk's footer, header, BAT, locators and parents; exit 0 clean, 1 findings, 2 could not check"
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         rep = check(args.path, chain=args.chain, parent_dirs=args.parent_dir)
     except (OSError, VHDError) as e:
         print(f"vhdcore check: could not check: {e}", file=sys.stderr)
+        if args.json:
+            print_json_error(e)
         return EXIT_COULD_NOT_CHECK
     if args.json:
         print_json(rep.to_dict())

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     with create(args.path, args.size, type=args.type, block_size=args.block_size, overwrite=args.overwrite) as disk:
         info = {"path": disk.leaf.path, "type": args.type, "virtual_size": disk.size,
-                "block_size": disk.leaf.block_size or None, "unique_id": str(disk.leaf.unique_id)}
+                "block_size": disk.leaf.block_size or None, "unique_id": str(disk.leaf.unique_id), "warnings": list(disk.warnings)}
     if args.json:
         print_json(info)
     else:

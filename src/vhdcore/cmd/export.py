@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..compress import COMPRESSIONS
 from ..export import DEFAULT_DIGESTS, PACKAGES, export
-from ..progress import make_reporter
 from ..upload import parse_destination
-from ._common import add_open_arguments, human, parse_size, print_json
+from ._progress import add_progress_argument, progress_from_args
+from ._common import (LEVEL_HELP, add_open_arguments, add_remote_arguments, compression_level, human, parse_size,
+                      print_json, remote_options)
 
 NAME = "export"
 HELP = "package the chain, compress, checksum and write it to a file, swift://container/object or s3://bucket/key"
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "chain's files as 0.vhd (leaf)..N.vhd (base) in a tar; raw: the virtual disk's bytes")
     p.add_argument("--compress", choices=("auto", *COMPRESSIONS), default="auto",
                    help="auto (default) picks by the destination's name: .gz gzip, .zst zstd, else none")
-    p.add_argument("--level", type=int, default=None, help="compression level (gzip 0-3, default 1; zstd 1-22, default 3)")
+    p.add_argument("--level", type=int, default=None, help=LEVEL_HELP)
     p.add_argument("--long", action="store_true", help="zstd long-distance matching (128 MiB window)")
     p.add_argument("--threads", type=int, default=2, help="compression threads (default 2)")
     p.add_argument("--digests", type=_digests, default=DEFAULT_DIGESTS, metavar="LIST",
@@ -42,10 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swift: SLO segment size (default 1G, at most 5G); s3: part size (default 128M)")
     p.add_argument("--concurrency", type=int, default=None, help="parallel segment uploads (default 2)")
     p.add_argument("--no-fsync", action="store_true", help="local destination: skip the durability syncs")
-    p.add_argument("--progress", choices=["auto", "bar", "json", "none"], default="auto",
-                   help="a bar on a terminal (auto), JSON lines on stderr, or nothing")
+    add_progress_argument(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_open_arguments(p)
+    add_remote_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,12 +60,14 @@ def run(args: argparse.Namespace) -> int:
             sink_options["segment_size"] = args.segment_size
         if args.concurrency:
             sink_options["concurrency"] = args.concurrency
+    sink_options.update(remote_options(args, args.dest))
     manifest = False if args.no_manifest else (args.manifest or True)
-    reporter = make_reporter(args.progress, "export", stream=sys.stderr)
-    rep = export(args.src, args.dest, package=args.package, compression=args.compress, level=args.level,
-                 long=args.long, threads=args.threads, digests=args.digests, manifest=manifest,
-                 block_size=args.block_size, parent_dirs=args.parent_dir, strict=not args.ignore_checksums,
-                 progress=reporter, **sink_options)
+    level = compression_level(args.dest, args.compress, args.level)
+    with progress_from_args(args, "export") as reporter:
+        rep = export(args.src, args.dest, package=args.package, compression=args.compress, level=level,
+                     long=args.long, threads=args.threads, digests=args.digests, manifest=manifest,
+                     block_size=args.block_size, parent_dirs=args.parent_dir, strict=not args.ignore_checksums,
+                     progress=reporter, **sink_options)
     if args.json:
         print_json(rep.to_dict())
         return 0

@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--block-size", type=parse_size, default=None,
                    help="grid of the join and of the compaction estimate (default: the leaf's block size)")
-    p.add_argument("--blocks", action="store_true", help="with --json: one row per allocated block (block_table)")
+    p.add_argument("--blocks", action="store_true", help="one row per allocated block (block_table in --json, a "
+                   "table at the end of the text report)")
     add_progress_argument(p)
     add_open_arguments(p)
 
@@ -24,11 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     with progress_from_args(args, "growth") as progress:
         rep = growth(args.path, parent_dirs=args.parent_dir, strict=not args.ignore_checksums,
-                     block_size=args.block_size, block_table=args.blocks and args.json, progress=progress)
+                     block_size=args.block_size, block_table=args.blocks, progress=progress)
     if args.json:
         print_json(rep.to_dict())
     else:
         print(render(rep))
+        if args.blocks:
+            print(render_blocks(rep))
     return 0
 
 
@@ -106,3 +109,13 @@ def render(rep: GrowthReport) -> str:
     lines.append("")
     lines.append(f"analysed in {rep.seconds:.2f} s")
     return "\n".join(lines)
+
+
+def render_blocks(rep: GrowthReport) -> str:
+    """The ``--blocks`` table: one row per allocated block of the join grid."""
+    rows = [["block", "offset", "allocated", "fs used", "free held", "with data", "zero", "compaction"]]
+    for b in rep.block_table or []:
+        rows.append([str(b["block"]), str(b["offset"]), human(b["allocated"]), human(b["fs_used"]),
+                     human(b["free_allocated"]), human(b["free_allocated_nonzero"]), "yes" if b["zero"] else "no",
+                     b["compact"]])
+    return "\n".join([f"Blocks of {human(rep.block_size)} (allocated ones)"] + _table(rows, {0, 1, 2, 3, 4, 5}))

@@ -32,7 +32,7 @@ def layer_info(img: Image) -> dict:
         "creator_app": f.creator_app_text,
         "creator_version": f.creator_version_text,
         "creator_os": f.creator_os_text,
-        "timestamp": timestamp_to_datetime(f.timestamp).isoformat(),
+        "timestamp": iso_utc(f.timestamp),
         "unique_id": str(f.unique_id),
         "saved_state": bool(f.saved_state),
         # What the two readers that look at creator and geometry make of them (README: compatibility).
@@ -49,11 +49,15 @@ def layer_info(img: Image) -> dict:
     if img.is_differencing:
         h = img.header
         d.update(parent_unique_id=str(h.parent_unique_id), parent_unicode_name=h.parent_unicode_name,
-                 parent_timestamp=h.parent_timestamp,
+                 parent_timestamp=iso_utc(h.parent_timestamp),
                  parent_locators=[{"platform": src, "path": p} for src, p in img.parent_candidates() if src != "name"])
-    if img.warnings:
-        d["warnings"] = list(img.warnings)
+    d["warnings"] = list(img.warnings)
     return d
+
+
+def iso_utc(ts: int) -> str:
+    """A VHD timestamp (seconds since 2000-01-01 UTC) as ISO 8601 UTC, the form of every time in the JSON."""
+    return timestamp_to_datetime(ts).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def disk_info(disk: Disk) -> dict:

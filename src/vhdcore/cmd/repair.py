@@ -7,7 +7,7 @@ import sys
 from ..check import INFO
 from ..exceptions import VHDError
 from ..repair import RepairReport, repair, undo
-from ._common import print_json
+from ._common import print_json, print_json_error
 
 NAME = "repair"
 HELP = ("restore a torn footer from its copy, rewrite a bad footer copy, cut bytes after the footer, "
@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
                      set_bitmap_bits=args.set_bitmap_bits, parent_dirs=args.parent_dir)
     except (OSError, VHDError) as e:
         print(f"vhdcore repair: error: {e}", file=sys.stderr)
+        if args.json:
+            print_json_error(e)
         return 2
     if args.json:
         print_json(rep.to_dict())

@@ -20,10 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with snapshot(args.parent, args.child, parent_dirs=args.parent_dir) as disk:
-        info = {"path": disk.leaf.path, "parent": disk.layers[1].path, "unique_id": str(disk.leaf.unique_id),
-                "parent_unique_id": str(disk.leaf.header.parent_unique_id), "chain_depth": len(disk.layers)}
+        info = {"path": disk.leaf.path, "parent_path": disk.layers[1].path, "unique_id": str(disk.leaf.unique_id),
+                "parent_unique_id": str(disk.leaf.header.parent_unique_id), "chain_depth": len(disk.layers), "warnings": list(disk.warnings)}
     if args.json:
         print_json(info)
     else:
-        print(f"created {info['path']}: differencing child of {info['parent']} (chain depth {info['chain_depth']})")
+        print(f"created {info['path']}: differencing child of {info['parent_path']} (chain depth {info['chain_depth']})")
     return 0

@@ -3,16 +3,20 @@ Exit 0 = same content, 1 = they differ (the first differing offset is printed), 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from ..contentcheck import verify
 from ..exceptions import VHDError
-from ..progress import make_reporter
-from ._common import add_open_arguments, parse_size, print_json
+from ..export import MANIFEST_SUFFIX
+from ._progress import add_progress_argument, progress_from_args
+from ._common import (add_open_arguments, add_remote_arguments, parse_size, print_json, print_json_error,
+                      remote_options)
 
 NAME = "verify"
 HELP = ("check that DEST-OR-FILE (an export, compressed or not, local or swift:// s3://, or its .xxh3.json manifest) "
-        "holds SRC's content; exit 0 match, 1 differ, 2 could not verify")
+        "holds SRC's content (by default the manifest beside it); exit 0 match, 1 differ, 2 could not verify")
 
 EXIT_MATCH = 0
 EXIT_DIFFER = 1
@@ -21,22 +25,37 @@ EXIT_COULD_NOT_VERIFY = 2
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="DEST-OR-FILE")
-    p.add_argument("src", metavar="SRC", help="the source chain (a VHD) or an xxh3 manifest")
+    p.add_argument("src", metavar="SRC", nargs="?", default=None,
+                   help="the source chain (a VHD) or an xxh3 manifest (default: the DEST.xxh3.json manifest export "
+                        "wrote beside DEST-OR-FILE)")
     p.add_argument("--block-size", type=parse_size, default=None,
                    help="comparison block when no manifest is involved (default 2M)")
     p.add_argument("--tmp-dir", default=None, help="where a chain-tar is extracted (default the system's)")
-    p.add_argument("--progress", choices=["auto", "bar", "json", "none"], default="auto")
+    add_progress_argument(p)
     p.add_argument("--json", action="store_true")
     add_open_arguments(p)
+    add_remote_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    src = args.src
+    if src is None:
+        src = args.target + MANIFEST_SUFFIX
+        if "://" not in src and not os.path.exists(src):
+            msg = f"no SRC given and no manifest beside {args.target} ({src})"
+            print(f"vhdcore verify: could not verify: {msg}", file=sys.stderr)
+            if args.json:
+                print_json_error(FileNotFoundError(errno.ENOENT, msg, src))
+            return EXIT_COULD_NOT_VERIFY
     try:
-        rep = verify(args.target, args.src, block_size=args.block_size, parent_dirs=args.parent_dir,
-                     strict=not args.ignore_checksums, tmp_dir=args.tmp_dir,
-                     progress=make_reporter(args.progress, "verify", stream=sys.stderr))
+        with progress_from_args(args, "verify") as progress:
+            rep = verify(args.target, src, block_size=args.block_size, parent_dirs=args.parent_dir,
+                         strict=not args.ignore_checksums, tmp_dir=args.tmp_dir, progress=progress,
+                         **remote_options(args, args.target if args.target.startswith("swift://") else src))
     except (OSError, ValueError, VHDError) as e:
         print(f"vhdcore verify: could not verify: {e}", file=sys.stderr)
+        if args.json:
+            print_json_error(e)
         return EXIT_COULD_NOT_VERIFY
     if args.json:
         print_json(rep.to_dict())

@@ -22,6 +22,7 @@ import os
 import urllib.parse
 from typing import Any
 
+from .._extras import require_scheme
 from ..exceptions import VHDError
 
 __all__ = ["Sink", "UploadResult", "UploadError", "open_sink", "parse_destination", "deliver", "DeliveryResult"]
@@ -125,6 +126,7 @@ def open_sink(dest: str | os.PathLike[str], **opts: Any) -> Sink:
     Options every sink takes: ``progress`` (``progress(done, total, **info)``). See each sink for the rest.
     """
     scheme, container, name = parse_destination(dest)
+    require_scheme(scheme)
     if scheme == "file":
         from .local import LocalSink
 

@@ -12,6 +12,7 @@ import io
 import os
 from typing import IO, Any, Iterator
 
+from .._extras import require_scheme
 from . import UploadError, parse_destination
 
 __all__ = ["open_download"]
@@ -55,13 +56,11 @@ class _IterStream(io.RawIOBase):
 def _swift(container: str, name: str, url: str, opts: dict[str, Any]) -> IO[bytes]:
     from swiftclient import client as sc
 
+    from .swift import swift_auth
+
     conn = sc.Connection(
-        authurl=opts.get("auth_url") or os.environ.get("ST_AUTH"),
-        user=opts.get("user") or os.environ.get("ST_USER"),
-        key=opts.get("key") or os.environ.get("ST_KEY"),
-        preauthurl=opts.get("storage_url") or os.environ.get("OS_STORAGE_URL"),
-        preauthtoken=opts.get("auth_token") or os.environ.get("OS_AUTH_TOKEN"),
-        auth_version=opts.get("auth_version", "1.0"),
+        **swift_auth(opts.get("auth_url"), opts.get("user"), opts.get("key"), opts.get("storage_url"),
+                     opts.get("auth_token"), opts.get("auth_version"), opts.get("os_options")),
         timeout=opts.get("timeout", 60.0),
         insecure=opts.get("insecure", False),
     )
@@ -101,6 +100,7 @@ def _s3(bucket: str, key: str, url: str, opts: dict[str, Any]) -> IO[bytes]:
 def open_download(url: str | os.PathLike[str], **opts: Any) -> IO[bytes]:
     """A binary stream of the object at ``url`` (``swift://``, ``s3://``, ``file://`` or a path)."""
     scheme, container, name = parse_destination(url)
+    require_scheme(scheme)
     text = os.fspath(url)
     if scheme == "file":
         return open(name, "rb", buffering=CHUNK)

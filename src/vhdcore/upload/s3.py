@@ -137,6 +137,36 @@ class S3Sink(SegmentedSink):
             return "error_code", err.get("Code")
         return super()._describe(exc)
 
+    # -- preflight
+    def preflight(self) -> None:
+        """Before any work: the credentials work and the bucket exists (or is created, when allowed)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code"))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (401, 403) or code in ("403", "AccessDenied", "InvalidAccessKeyId",
+                                                "SignatureDoesNotMatch"):
+                raise UploadError(f"S3 refused the credentials for bucket {self.bucket} ({code})",
+                                  path=self.destination, field="auth", value=code) from exc
+            if status != 404 and code not in ("404", "NoSuchBucket"):
+                raise UploadError(f"S3 bucket {self.bucket} could not be checked ({code})",
+                                  path=self.destination, field="bucket", value=code) from exc
+        except Exception as exc:
+            raise UploadError(f"S3 bucket {self.bucket} could not be checked ({type(exc).__name__}: {exc})",
+                              path=self.destination, field="bucket") from exc
+        if not self.create_bucket:
+            raise UploadError(f"S3 bucket {self.bucket} does not exist (and creating it was not allowed)",
+                              path=self.destination, field="bucket", value=self.bucket)
+        try:
+            self._ensure_bucket()
+        except Exception as exc:
+            raise UploadError(f"S3 bucket {self.bucket} does not exist and could not be created ({exc})",
+                              path=self.destination, field="bucket", value=self.bucket) from exc
+
     # -- hooks
     def _ensure_bucket(self) -> None:
         if not self.create_bucket:

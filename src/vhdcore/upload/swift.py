@@ -7,9 +7,10 @@ body that does not match with 422) and the returned etag checked again here; the
 checks the object's size and its etag (the md5 of the concatenated segment md5s, as Swift defines it).
 A stream shorter than one segment is stored as a plain object with a single PUT.
 
-Authentication: TempAuth/Swauth v1 (``ST_AUTH``/``ST_USER``/``ST_KEY`` in the environment, or
-``auth_url``/``user``/``key``), or a ready ``storage_url`` + ``auth_token`` (``OS_STORAGE_URL``/
-``OS_AUTH_TOKEN``). One python-swiftclient ``Connection`` per upload thread (they are not thread-safe),
+Authentication as the ``swift`` CLI does it (:func:`swift_auth`): ``auth_url``/``user``/``key`` (its
+``-A/-U/-K``), TempAuth/Swauth v1 (``ST_AUTH``/``ST_USER``/``ST_KEY``), Keystone (``OS_AUTH_URL``,
+``OS_USERNAME``, ``OS_PASSWORD`` and the other ``OS_*`` variables as swiftclient ``os_options``), or a ready
+``storage_url`` + ``auth_token`` (``OS_STORAGE_URL``/``OS_AUTH_TOKEN``). One python-swiftclient ``Connection`` per upload thread (they are not thread-safe),
 sharing the token obtained once; a 401 makes swiftclient re-authenticate once.
 """
 from __future__ import annotations
@@ -36,6 +37,69 @@ GiB = 1024 * MiB
 # HTTP statuses worth another attempt: timeouts, throttling, 422 (Swift's "the body did not match ETag",
 # i.e. damaged in transit), 498/499 (rate limit / client disconnect as Swift reports them) and 5xx.
 _RETRY_STATUS = {408, 422, 429, 498, 499}
+
+
+# OS_* variables of the `swift` CLI (python-swiftclient's shell) that become its ``os_options`` for Keystone.
+_OS_OPTIONS = {
+    "project_name": ("OS_PROJECT_NAME", "OS_TENANT_NAME"),
+    "project_id": ("OS_PROJECT_ID", "OS_TENANT_ID"),
+    "tenant_name": ("OS_TENANT_NAME",),
+    "tenant_id": ("OS_TENANT_ID",),
+    "user_id": ("OS_USER_ID",),
+    "user_domain_name": ("OS_USER_DOMAIN_NAME",),
+    "user_domain_id": ("OS_USER_DOMAIN_ID",),
+    "project_domain_name": ("OS_PROJECT_DOMAIN_NAME",),
+    "project_domain_id": ("OS_PROJECT_DOMAIN_ID",),
+    "region_name": ("OS_REGION_NAME",),
+    "service_type": ("OS_SERVICE_TYPE",),
+    "endpoint_type": ("OS_ENDPOINT_TYPE", "OS_INTERFACE"),
+    "auth_token": ("OS_AUTH_TOKEN",),
+    "object_storage_url": ("OS_STORAGE_URL",),
+}
+
+
+def _env(*names: str) -> str | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v:
+            return v
+    return None
+
+
+def swift_auth(auth_url: str | None = None, user: str | None = None, key: str | None = None,
+               storage_url: str | None = None, auth_token: str | None = None,
+               auth_version: str | None = None, os_options: dict[str, str] | None = None) -> dict[str, Any]:
+    """python-swiftclient ``Connection`` arguments, resolved as the ``swift`` CLI resolves them.
+
+    Explicit arguments (the CLI's ``-A/-U/-K``, ``--os-storage-url``/``--os-auth-token``) win; then
+    ``ST_AUTH``/``ST_USER``/``ST_KEY`` (TempAuth, v1); then the Keystone variables ``OS_AUTH_URL``,
+    ``OS_USERNAME``, ``OS_PASSWORD`` with ``OS_IDENTITY_API_VERSION``/``OS_AUTH_VERSION`` (default 3 when a
+    project or domain is named, else 2.0) and the other ``OS_*`` settings passed on as ``os_options``. A ready
+    ``OS_STORAGE_URL`` + ``OS_AUTH_TOKEN`` skips authentication altogether.
+    """
+    st = (_env("ST_AUTH"), _env("ST_USER"), _env("ST_KEY"))
+    os_auth = (_env("OS_AUTH_URL"), _env("OS_USERNAME"), _env("OS_PASSWORD"))
+    opts = {k: v for k, names in _OS_OPTIONS.items() if (v := _env(*names))}
+    opts.update(os_options or {})
+    explicit = auth_url or user or key
+    if explicit or any(st):
+        authurl, usr, ky = (auth_url or st[0], user or st[1], key or st[2])
+        version = auth_version or _env("ST_AUTH_VERSION") or "1.0"
+    elif any(os_auth):
+        authurl, usr, ky = os_auth
+        keystone3 = any(k in opts for k in ("project_domain_name", "project_domain_id", "user_domain_name",
+                                             "user_domain_id", "project_name", "project_id"))
+        version = auth_version or _env("OS_IDENTITY_API_VERSION", "OS_AUTH_VERSION") or ("3" if keystone3 else "2.0")
+    else:
+        authurl = usr = ky = None
+        version = auth_version or "1.0"
+    return dict(
+        authurl=authurl, user=usr, key=ky,
+        preauthurl=storage_url or opts.get("object_storage_url"),
+        preauthtoken=auth_token or opts.get("auth_token"),
+        auth_version=str(version),
+        os_options={k: v for k, v in opts.items() if k not in ("auth_token", "object_storage_url")},
+    )
 
 
 def slo_etag(segment_md5s: list[str]) -> str:
@@ -71,7 +135,8 @@ class SwiftSink(SegmentedSink):
         key: str | None = None,
         storage_url: str | None = None,
         auth_token: str | None = None,
-        auth_version: str = "1.0",
+        auth_version: str | None = None,
+        os_options: dict[str, str] | None = None,
         segment_size: int = 1 * GiB,
         segment_container: str | None = None,
         create_container: bool = True,
@@ -96,12 +161,7 @@ class SwiftSink(SegmentedSink):
         self.content_type = content_type
         self.headers = dict(headers or {})
         self._conn_args: dict[str, Any] = dict(
-            authurl=auth_url or os.environ.get("ST_AUTH"),
-            user=user or os.environ.get("ST_USER"),
-            key=key or os.environ.get("ST_KEY"),
-            preauthurl=storage_url or os.environ.get("OS_STORAGE_URL"),
-            preauthtoken=auth_token or os.environ.get("OS_AUTH_TOKEN"),
-            auth_version=auth_version,
+            **swift_auth(auth_url, user, key, storage_url, auth_token, auth_version, os_options),
             timeout=timeout,
             insecure=insecure,
             retries=0,  # our own retry loop decides (it also checks etags and rewinds spools)
@@ -109,7 +169,8 @@ class SwiftSink(SegmentedSink):
         if not self._conn_args["preauthtoken"] and not all(
             self._conn_args[k] for k in ("authurl", "user", "key")
         ):
-            raise ValueError("Swift credentials missing: set ST_AUTH/ST_USER/ST_KEY or pass auth_url/user/key")
+            raise ValueError("Swift credentials missing: pass -A/-U/-K, or set ST_AUTH/ST_USER/ST_KEY, "
+                             "OS_AUTH_URL/OS_USERNAME/OS_PASSWORD, or OS_STORAGE_URL with OS_AUTH_TOKEN")
         # Each upload gets its own timestamped prefix, so a retried export never mixes segments with a
         # previous attempt's and abort() deletes only its own.
         self.prefix = f"{obj}/{time.time():.6f}"
@@ -199,6 +260,44 @@ class SwiftSink(SegmentedSink):
         if isinstance(exc, ClientException) and exc.http_status is not None:
             return "http_status", f"{exc.http_status} {exc.http_reason or ''}".strip()
         return super()._describe(exc)
+
+    # -- preflight
+    def preflight(self) -> None:
+        """Before any work: authenticate, and make sure both containers exist (creating them when allowed).
+
+        Raises UploadError naming what failed (``field`` ``auth`` or ``container``); stores no object.
+        """
+        from swiftclient.exceptions import ClientException
+
+        def fail(what: str, exc: BaseException, field: str) -> UploadError:
+            status = getattr(exc, "http_status", None)
+            detail = f"HTTP {status}" if status else f"{type(exc).__name__}: {exc}"
+            return UploadError(f"{what} ({detail})", path=self.destination, field=field, value=status)
+
+        try:
+            self._authenticate()
+        except Exception as exc:
+            raise fail("Swift authentication failed: check -A/-U/-K, ST_AUTH/ST_USER/ST_KEY or "
+                       "OS_STORAGE_URL/OS_AUTH_TOKEN", exc, "auth") from exc
+        for c in dict.fromkeys((self.container, self.segment_container)):
+            try:
+                self._call("head_container", c)
+                continue
+            except ClientException as exc:
+                if exc.http_status in (401, 403):
+                    raise fail(f"Swift refused access to container {c}", exc, "auth") from exc
+                if exc.http_status != 404:
+                    raise fail(f"Swift container {c} could not be checked", exc, "container") from exc
+            except Exception as exc:
+                raise fail(f"Swift container {c} could not be checked", exc, "container") from exc
+            if not self.create_container:
+                raise UploadError(f"Swift container {c} does not exist (and creating it was not allowed)",
+                                  path=self.destination, field="container", value=c)
+            try:
+                self._call("put_container", c)
+            except Exception as exc:
+                raise fail(f"Swift container {c} does not exist and could not be created", exc,
+                           "container") from exc
 
     # -- hooks
     def _begin(self) -> None:
