@@ -259,12 +259,7 @@ class GuestChain:
         if not self.layers:
             if disk_type == "fixed":
                 present[:] = True
-            else:  # a dynamic disk allocates whole blocks
-                spb = block_size // SECTOR
-                blocks = present[: len(present) // spb * spb].reshape(-1, spb).any(axis=1)
-                present[: len(blocks) * spb] = np.repeat(blocks, spb)
-                if len(present) % spb and present[len(blocks) * spb :].any():
-                    present[len(blocks) * spb :] = True
+            # A dynamic disk holds exactly the written sectors (their bitmap bits), as libvhd reads it.
         # Blocks of this layer, and those whose held sectors are all zero.
         spb = block_size // SECTOR
         nblk = -(-len(present) // spb)

@@ -44,15 +44,9 @@ class Owners:
     def __init__(self, size: int) -> None:
         self.owner = [-1] * (size // S)
 
-    def wrote(self, layer: int, off: int, n: int, whole_blocks_of: int | None = None) -> None:
-        if whole_blocks_of:  # dynamic disks allocate whole blocks
-            bs = whole_blocks_of
-            first, last = off // bs * bs, -(-(off + n) // bs) * bs
-            for s in range(first // S, min(len(self.owner), last // S)):
-                self.owner[s] = max(self.owner[s], layer)
-        else:
-            for s in range(off // S, -(-(off + n) // S)):
-                self.owner[s] = layer
+    def wrote(self, layer: int, off: int, n: int) -> None:
+        for s in range(off // S, -(-(off + n) // S)):
+            self.owner[s] = layer
 
 
 def mixed_chain(d: Path) -> tuple[list[Path], bytearray, Owners, list[int]]:
@@ -77,7 +71,7 @@ def mixed_chain(d: Path) -> tuple[list[Path], bytearray, Owners, list[int]]:
                 data = rnd.randbytes(n)
                 disk.write(off, data)
                 model[off : off + n] = data
-                owners.wrote(i, off, n, whole_blocks_of=bs if i == 0 else None)
+                owners.wrote(i, off, n)  # every disk type holds exactly the written sectors (libvhd's rule)
     return paths, model, owners, bss
 
 

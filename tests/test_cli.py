@@ -62,7 +62,7 @@ def test_info_json_of_a_chain(chain) -> None:
     assert info["chain"][-1]["type"] == "dynamic" and "parent_unique_id" not in info["chain"][-1]
     assert {loc["platform"] for loc in info["parent_locators"]} == {"W2ru", "MacX", "W2ku"}
     assert info["parent_unicode_name"] == "child1.vhd" and info["parent_path"] == str(paths[1].resolve())
-    assert info["creator_app"] == "vhdc" and info["warnings"] == [] and info["saved_state"] is False
+    assert info["creator_app"] == "qem2" and info["warnings"] == [] and info["saved_state"] is False
     assert set(info["geometry"]) == {"cylinders", "heads", "sectors_per_track"}
     text = vhdcore_cli("info", paths[-1]).stdout
     assert "differencing" in text and "chain depth" in text and str(paths[1].resolve()) in text

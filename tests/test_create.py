@@ -11,7 +11,7 @@ import pytest
 
 import vhdcore
 from vhdcore.create import MAX_CREATE_SIZE, parent_locators_for
-from vhdcore.geometry import MAX_GEOMETRY, chs_from_size, vhd_timestamp
+from vhdcore.geometry import chs_from_size, vhd_timestamp
 from vhdcore.image import Image
 from vhdcore.structs import DiskType, DynamicHeader, Footer
 from vhdtest import MiB
@@ -37,10 +37,10 @@ def test_create_dynamic_layout(tmp_path: Path, size: int, block_size: int) -> No
     assert raw[:512] == raw[-512:]
     f = Footer.parse(raw[-512:])
     assert f.type == DiskType.DYNAMIC and f.current_size == f.original_size == size and f.data_offset == 512
-    assert f.creator_app == b"vhdc" and f.features == 2 and f.saved_state == 0
+    assert f.creator_app == b"qem2" and f.features == 2 and f.saved_state == 0
     assert before <= f.timestamp <= vhd_timestamp() + 1
     g = chs_from_size(size)
-    assert f.geometry == (g.pack() if g.size == size else MAX_GEOMETRY.pack())
+    assert f.geometry == g.pack()  # the spec's CHS: libvhd rejects a larger one (qemu trusts creator qem2)
     h = DynamicHeader.parse(raw[512:1536])
     assert (h.table_offset, h.max_table_entries, h.block_size) == (1536, mte, block_size)
     assert h.data_offset == 0xFFFFFFFFFFFFFFFF and h.parent_unique_id == uuid.UUID(int=0)
@@ -108,13 +108,13 @@ def test_snapshot_records_parent(tmp_path: Path) -> None:
         cands = dict(img.parent_candidates())
         assert cands["W2ru"] == ".\\base.vhd"
         assert cands["MacX"] == "file://./base.vhd"
-        assert cands["W2ku"] == str(base.resolve()).replace("/", "\\")
-        assert [src for src, _ in img.parent_candidates()] == ["W2ru", "MacX", "W2ku", "name"]
+        assert cands["W2ku"] == ".\\base.vhd"  # relative in every locator, as libvhd writes them
+        assert [src for src, _ in img.parent_candidates()] == ["MacX", "W2ku", "W2ru", "name"]
         for loc in img.parent_locators:
             assert loc.data_offset >= 1536 + 512 and loc.data_offset % 512 == 0
             assert loc.data_space_bytes >= loc.data_length and loc.data_space % 512 == 0
         assert d.read(0, 4096) == b"b" * 4096
-        assert img.footer.current_size == 8 * MiB and img.footer.creator_app == b"vhdc"
+        assert img.footer.current_size == 8 * MiB and img.footer.creator_app == b"qem2"
         assert img.unique_id != base_id
     # The parent was opened read-only and is unchanged by the snapshot.
     assert os.stat(base).st_mtime == pytest.approx(t, abs=1)
@@ -130,8 +130,8 @@ def test_snapshot_locators_across_directories(tmp_path: Path) -> None:
     base = tmp_path / "a" / "deep" / "base.vhd"
     vhdcore.create(base, 1 * MiB).close()
     name, locs = parent_locators_for(str(base), str(tmp_path / "a" / "child.vhd"))
-    assert name == "deep/base.vhd"
-    assert dict(locs)[b"W2ru"].decode("utf-16-le") == ".\\deep\\base.vhd"
+    assert name == "base.vhd"  # the file name, as libvhd records it
+    assert dict(locs)[b"W2ru"].decode("utf-16-le") == ".\\deep\\base.vhd"  # the locators carry the path
     assert dict(locs)[b"MacX"] == b"file://./deep/base.vhd"
     with vhdcore.snapshot(base, tmp_path / "a" / "child.vhd") as d:
         assert d.layers[1].path == str(base.resolve())
@@ -139,8 +139,8 @@ def test_snapshot_locators_across_directories(tmp_path: Path) -> None:
         assert len(d.layers) == 2
     with vhdcore.snapshot(base, tmp_path / "b" / "child.vhd") as d:
         cands = dict(d.leaf.parent_candidates())
-        assert cands["W2ru"] == "..\\a\\deep\\base.vhd"
-        assert cands["MacX"] == "file://" + str(base.resolve())
+        assert cands["W2ru"] == cands["W2ku"] == ".\\..\\a\\deep\\base.vhd"
+        assert cands["MacX"] == "file://../a/deep/base.vhd"  # libvhd's form
 
 
 def test_snapshot_of_fixed_parent_and_block_size(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import stat
 import urllib.parse
 from typing import Callable, Iterable, Iterator, Sequence
 
+from . import _kernels as K
 from .exceptions import (
     ChainCycleError,
     ParentMismatchError,
@@ -39,6 +40,9 @@ def _candidate_names(source: str, raw: str) -> list[str]:
     if not text:
         return []
     if source == "MacX":
+        if text.startswith(("file://./", "file://../")):
+            # libvhd's relative form (file://../dir/p.vhd is not a URL with host ".."): relative to the child.
+            return [text[len("file://"):]]
         if text.startswith("file://"):
             parsed = urllib.parse.urlparse(text)
             path = urllib.parse.unquote(parsed.path)
@@ -270,7 +274,18 @@ class Disk:
             if entry == 0xFFFFFFFF:
                 zero_fill(mv[pos : pos + k])
             else:
-                img.preadinto(entry * SECTOR_SIZE + extra + (voff - b * bs), mv[pos : pos + k])
+                s0 = (voff - b * bs) // SECTOR_SIZE
+                s1 = -(-(voff + k - b * bs) // SECTOR_SIZE)
+                if K.bitmap_count(img.read_bitmap(b), s0, s1) == s1 - s0:
+                    img.preadinto(entry * SECTOR_SIZE + extra + (voff - b * bs), mv[pos : pos + k])
+                else:
+                    # Some sectors were never written: they read as zeros (libvhd's rule, and the spec's).
+                    for off, length, fo in img.layer_runs(voff, voff + k):
+                        part = mv[off - offset : off - offset + length]
+                        if fo == NOT_HERE:
+                            zero_fill(part)
+                        else:
+                            img.preadinto(fo, part)
             pos += k
 
     def read(self, offset: int, n: int) -> bytes:

@@ -9,7 +9,9 @@ sizes, geometry, timestamp) and its copy at offset 0; the dynamic header (cookie
 offset, block size, max table entries); every BAT entry (inside the file, clear of the metadata, not overlapping
 another block); the parent locators (inside the file, not overlapping); the file length against the last block
 and the footer; and for differencing disks the parent (found inside the allowed directories, same unique id,
-timestamp) and the chain (acyclic, bounded depth).
+timestamp) and the chain (acyclic, bounded depth). Also what libvhd rejects or cannot see: data under clear
+sector-bitmap bits (read only for allocated blocks whose bitmap has a clear bit), a footer geometry larger than
+the specification's for the size, a parent unicode name that is not the locators' file name.
 
 Nothing here sizes an allocation from an untrusted field: the BAT is read only when it fits in the file and in
 ``MAX_BAT_ENTRIES``, locator data only up to ``MAX_LOCATOR_BYTES``, and the search for a displaced footer is
@@ -28,7 +30,8 @@ from typing import Sequence
 import numpy as np
 
 from .exceptions import ChainCycleError, InvalidFormatError, ParentMismatchError, ParentNotFoundError, VHDError
-from .geometry import MAX_GEOMETRY, VHD_EPOCH, Geometry, vhd_timestamp
+from . import _kernels as K
+from .geometry import MAX_GEOMETRY, VHD_EPOCH, Geometry, libvhd_chs, vhd_timestamp
 from .image import MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE, Image
 from .structs import (
     FEATURE_RESERVED,
@@ -88,7 +91,15 @@ CODES: dict[str, tuple[str, str]] = {
     "FOOTER_SIZE_LIMIT": (WARNING, "The virtual size is over the format's limit of 2040 GiB; Hyper-V and Windows "
                                    "refuse such disks."),
     "FOOTER_GEOMETRY": (WARNING, "The CHS geometry describes a disk larger than the virtual size, or has zero "
-                                 "heads or sectors per track; readers that size disks by geometry get it wrong."),
+                                 "heads or sectors per track; readers that size disks by geometry get it wrong "
+                                 "(and XenServer's 'vhd-util check' rejects the disk)."),
+    "FOOTER_GEOMETRY_TOO_LARGE": (WARNING, "The CHS geometry is larger than the one the specification's algorithm "
+                                           "gives for the virtual size (qemu's force_size disks and older vhdcore "
+                                           "disks record the maximum 65535/16/255). Readers size the disk by its "
+                                           "current size, but XenServer's 'vhd-util check' rejects the footer "
+                                           "(\"geometry too large\"), so its storage manager will not use the "
+                                           "disk. 'vhdcore convert' writes a copy with the specification's "
+                                           "geometry."),
     "FOOTER_DATA_OFFSET": (WARNING, "A fixed disk's footer should have data offset 0xFFFFFFFFFFFFFFFF."),
     "FOOTER_SAVED_STATE": (WARNING, "The disk is marked as holding a saved virtual machine state; it must not "
                                     "be compacted or modified until the VM is resumed."),
@@ -133,6 +144,13 @@ CODES: dict[str, tuple[str, str]] = {
     "HEADER_PARENT_ID": (ERROR, "A differencing disk must record its parent's unique id; it is all zeros."),
     "HEADER_PARENT_TIMESTAMP_FUTURE": (WARNING, "The recorded parent time stamp lies in the future."),
     "HEADER_PARENT_NAME": (WARNING, "The parent's unicode name is empty or not valid UTF-16."),
+    "PARENT_NAME_LOCATOR_MISMATCH": (WARNING, "The parent's unicode name is not the file name the MacX, W2ku or W2ru "
+                                              "locator points at. XenServer's 'vhd-util check' compares the whole "
+                                              "name (backslashes read as '/', a leading 'C:' dropped) with the "
+                                              "locator's last path component and rejects the disk when they differ; "
+                                              "Windows writes the parent's full path in the name, so every "
+                                              "Hyper-V differencing disk fails that check. Readers that follow the "
+                                              "locators (vhdcore, libvhd, Windows) still find the parent."),
     "LOCATOR_PLATFORM": (WARNING, "A parent locator has a platform code that no writer uses; it is ignored."),
     "LOCATOR_LENGTH": (ERROR, "A parent locator's data length is zero, larger than its data space or larger than "
                               "any path; it is ignored."),
@@ -148,6 +166,16 @@ CODES: dict[str, tuple[str, str]] = {
                                   "modification time nor its footer time stamp (often just a copy between hosts)."),
     "CHAIN_CYCLE": (ERROR, "Following parents leads back to a disk already in the chain."),
     "CHAIN_TOO_DEEP": (ERROR, "The chain is deeper than vhdcore accepts; no real chain is that deep."),
+    "BITMAP_CLEAR_DATA": (WARNING, "Sectors of an allocated block hold data (a non-zero byte) while their "
+                                   "sector-bitmap bits are clear. Readers that follow the specification (libvhd, "
+                                   "XenServer, vhdcore) read such a sector as zeros in a dynamic disk and as the "
+                                   "parent's sector in a differencing one, so the data is invisible. Two causes: a "
+                                   "writer put it there without setting the bits (vhdcore before the libvhd bitmap "
+                                   "rule did when writing into an existing block), or a write was cut off by a "
+                                   "crash after its data and before its bitmap (the write was never completed; the "
+                                   "disk reads its old content). 'vhd-util check -b' rejects the disk. If the data "
+                                   "is what the disk should hold, 'vhdcore repair --set-bitmap-bits' sets those bits "
+                                   "(with an undo file); if it is stale, leave it: it is never read."),
     "TOO_MANY_FINDINGS": (INFO, "More findings of one code than are listed."),
     "FILE_IN_USE": (INFO, "Another process holds the writer lock on this file: what the check saw may be the "
                           "middle of a write (a block being added looks like a torn footer)."),
@@ -165,6 +193,7 @@ class Finding:
     message: str
     path: str
     repairable: bool = False
+    count: int | None = None  # how many units (sectors) the finding covers, where that is meaningful
 
     @property
     def explanation(self) -> str:
@@ -370,6 +399,9 @@ class FileAnalysis:
     blocks_ok: bool = False  # the BAT was read and every entry checked
     locators: list[tuple[int, ParentLocator]] = field(default_factory=list)
     locator_data: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (offset, length) -> bytes
+    # Blocks holding data under clear sector-bitmap bits: (block index, file offset of the block, sectors), all
+    # of them (the findings list only the first MAX_FINDINGS_PER_CODE); repair --set-bitmap-bits works from it.
+    clear_data: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def is_differencing(self) -> bool:
@@ -390,13 +422,13 @@ class _Collector:
         self.unlisted: dict[str, int] = {}  # hits counted by ``room`` but never passed to ``add``
 
     def add(self, code: str, offset: int | None, field_: str | None, message: str, *, repairable: bool = False,
-            severity: str | None = None) -> None:
+            severity: str | None = None, count: int | None = None) -> None:
         n = self.counts.get(code, 0) + 1
         self.counts[code] = n
         if n > MAX_FINDINGS_PER_CODE:
             return
         self.a.findings.append(Finding(code, severity or CODES[code][0], offset, field_, message, self.a.path,
-                                       repairable))
+                                       repairable, count))
 
     def room(self, code: str, hits: np.ndarray) -> np.ndarray:
         """The hits still worth a finding of their own; the rest are only counted (no per-entry Python loop
@@ -532,6 +564,12 @@ def _check_footer_fields(ft: RawFooter, a: FileAnalysis, c: _Collector, future: 
     if geo != MAX_GEOMETRY and (geo.heads == 0 or geo.sectors_per_track == 0 or geo.size > size):
         c.add("FOOTER_GEOMETRY", o + 56, "footer.geometry",
               f"C/H/S {geo.cylinders}/{geo.heads}/{geo.sectors_per_track} ({geo.size} bytes) for a disk of {size}")
+    elif geo.pack() > libvhd_chs(size).pack():
+        # libvhd compares the packed fields (cylinders, then heads, then sectors), not the sizes they describe.
+        want = libvhd_chs(size)
+        c.add("FOOTER_GEOMETRY_TOO_LARGE", o + 56, "footer.geometry",
+              f"C/H/S {geo.cylinders}/{geo.heads}/{geo.sectors_per_track} is larger than the specification's "
+              f"{want.cylinders}/{want.heads}/{want.sectors_per_track} for a disk of {size} bytes")
     if ft.saved_state:
         c.add("FOOTER_SAVED_STATE", o + 84, "footer.saved_state", f"saved state {ft.saved_state}")
     if ft.unique_id.int == 0:
@@ -685,6 +723,7 @@ def _check_dynamic(f: _File, a: FileAnalysis, c: _Collector, future: int) -> Non
             c.add("HEADER_PARENT_NAME", hoff + 64, "header.parent_unicode_name",
                   "the parent's unicode name is empty or not valid UTF-16 big-endian")
         _check_locators(f, a, c, header, hoff)
+        _check_parent_name_vs_locators(a, c, pname, hoff)
 
     # blktap's batmap, kept in the sectors right after the BAT.
     if table_ok and ft.fields[5] == b"tap\0" and bat_end + SECTOR_SIZE <= fsize:
@@ -780,6 +819,56 @@ def _check_locators(f: _File, a: FileAnalysis, c: _Collector, header: DynamicHea
         a.metadata.append((f"parent locator {i}", s, e))
 
 
+def _libvhd_path(text: str) -> str:
+    """A name as libvhd decodes a Windows one: up to the first NUL, backslashes as '/', a leading C: dropped."""
+    text = text.split("\0", 1)[0].replace("\\", "/")
+    return text[2:] if text[:2] in ("C:", "c:") else text
+
+
+def _posix_basename(path: str) -> str:
+    """POSIX basename(3), as libvhd's check calls it: trailing slashes ignored."""
+    stripped = path.rstrip("/")
+    if not stripped:
+        return "/" if path else "."
+    return stripped.rsplit("/", 1)[-1]
+
+
+def _check_parent_name_vs_locators(a: FileAnalysis, c: _Collector, pname_raw: bytes, hoff: int) -> None:
+    """libvhd's check: the parent's unicode name must equal the file name of every MacX, W2ku and W2ru locator."""
+    try:
+        pname = _libvhd_path(pname_raw.decode("utf-16-be"))
+    except UnicodeDecodeError:
+        return  # HEADER_PARENT_NAME says so
+    if not pname.isascii():
+        c.add("PARENT_NAME_LOCATOR_MISMATCH", hoff + 64, "header.parent_unicode_name",
+              f"the parent name {pname!r} is not ASCII: libvhd cannot decode it and rejects the disk")
+        return
+    for slot, loc in a.locators:
+        data = a.locator_data.get((loc.data_offset, loc.data_length))
+        if data is None:
+            continue
+        if loc.platform_code == b"MacX":
+            try:
+                text = data.decode("utf-8").split("\0", 1)[0]
+            except UnicodeDecodeError:
+                continue
+            if not text.startswith("file://"):
+                continue
+            path = text[len("file://"):]
+        elif loc.platform_code in (b"W2ku", b"W2ru"):
+            try:
+                path = _libvhd_path(data.decode("utf-16-le"))
+            except UnicodeDecodeError:
+                continue
+        else:
+            continue  # libvhd's check reads only these three
+        name = _posix_basename(path)
+        if name != pname:
+            c.add("PARENT_NAME_LOCATOR_MISMATCH", hoff + 576 + 24 * slot, f"header.parent_locator[{slot}]",
+                  f"{loc.platform_code.decode('latin-1')} locator names {name!r}, the parent unicode name (as "
+                  f"libvhd reads it) is {pname!r}")
+
+
 def _check_bat(f: _File, a: FileAnalysis, c: _Collector, table_off: int, mte: int, block_size: int) -> None:
     raw = f.read(table_off, mte * 4)
     bat = np.frombuffer(raw, dtype=">u4").astype(np.uint32)
@@ -827,9 +916,86 @@ def _check_bat(f: _File, a: FileAnalysis, c: _Collector, table_off: int, mte: in
             i, fld, off, s, e = entry(int(order[k + 1]))
             c.add("BAT_ENTRY_OVERLAP", off, fld, f"block {second} at {s}..{e} overlaps block {first} at "
                   f"{int(s_sorted[k])}..{int(e_sorted[k])}")
+        overlapping = np.zeros(len(idx), dtype=bool)
+        overlapping[order[clash]] = True
+        overlapping[order[clash + 1]] = True
+    else:
+        overlapping = np.zeros(len(idx), dtype=bool)
     if len(idx):
         a.data_end = max(a.data_end, _pad(int(ends.max())))
     a.blocks_ok = True
+    # Only blocks wholly inside the data and clear of metadata and of each other: then every data byte is read
+    # at most once and the scan costs no more than the allocated blocks.
+    sound = ~((ends > limit) | in_meta | overlapping)
+    _check_bitmaps(f, a, c, idx[sound], starts[sound], block_size)
+
+
+# Data read per piece when looking for data under clear bits: 8192 sectors (a whole number of bitmap bytes).
+_SCAN_SECTORS = 8192
+
+
+def data_under_clear_bits(read, bitmap: bytes, data_offset: int, sectors: int) -> tuple[int, int, bytearray]:
+    """Sectors of a block's data that hold a non-zero byte while their bitmap bit is clear.
+
+    ``read(offset, n)`` reads the file; ``bitmap`` is the block's sector bitmap, ``data_offset`` the file offset
+    of its first data sector, ``sectors`` how many of its sectors lie inside the virtual disk. Returns (how many,
+    index of the first, or -1, and the bitmap with those sectors' bits set). Only pieces of the block with a
+    clear bit are read.
+    """
+    fixed = bytearray(bitmap)
+    count, first = 0, -1
+    for s0 in range(0, sectors, _SCAN_SECTORS):
+        n = min(_SCAN_SECTORS, sectors - s0)
+        if K.bitmap_count(fixed, s0, s0 + n) == n:
+            continue
+        data = read(data_offset + s0 * SECTOR_SIZE, n * SECTOR_SIZE)
+        if len(data) != n * SECTOR_SIZE:
+            break  # the file ends inside the block: its BAT entry is reported elsewhere
+        nbytes = (n + 7) // 8
+        zero = bytearray(nbytes)
+        K.sector_zero_mask(data, zero)
+        # written := sectors holding data (~zero), then those whose bit is clear: written & ~bitmap.
+        written = bytearray(b"\xff" * nbytes)
+        K.bitmap_andnot(written, zero)
+        if n % 8:
+            K.bitmap_set_range(written, n, nbytes * 8, False)
+        hidden = bytearray(written)
+        K.bitmap_andnot(hidden, fixed[s0 // 8 : s0 // 8 + nbytes])
+        k = K.bitmap_count(hidden, 0, n)
+        if k:
+            if first < 0:
+                first = s0 + next(r0 for r0, _len, on in K.bitmap_runs(hidden, 0, n) if on)
+            count += k
+            piece = fixed[s0 // 8 : s0 // 8 + nbytes]
+            K.bitmap_or(piece, written)
+            fixed[s0 // 8 : s0 // 8 + nbytes] = piece
+    return count, first, fixed
+
+
+def _check_bitmaps(f: _File, a: FileAnalysis, c: _Collector, blocks: np.ndarray, starts: np.ndarray,
+                   block_size: int) -> None:
+    """BITMAP_CLEAR_DATA: allocated sectors that hold data their clear bit hides (libvhd's ``check -b``, with
+    every byte of the sector tested, not just up to the first non-zero one)."""
+    if not len(blocks):
+        return
+    bm_bytes = bitmap_bytes(block_size)
+    spb = block_size // SECTOR_SIZE
+    for k in np.argsort(starts, kind="stable"):  # in file order: sequential reads
+        i, start = int(blocks[k]), int(starts[k])
+        sectors = min(spb, (a.size - i * block_size) // SECTOR_SIZE)
+        if sectors <= 0:
+            continue
+        bitmap = f.read(start, bm_bytes)
+        if len(bitmap) != bm_bytes:
+            continue
+        if K.bitmap_count(bitmap, 0, sectors) == sectors:
+            continue
+        n, first, _fixed = data_under_clear_bits(f.read, bitmap, start + bm_bytes, sectors)
+        if n:
+            a.clear_data.append((i, start, n))
+            c.add("BITMAP_CLEAR_DATA", start + bm_bytes + first * SECTOR_SIZE, f"bitmap[block {i}]",
+                  f"{n} sector(s) of block {i} hold data under a clear bit, the first at disk sector "
+                  f"{i * spb + first}", repairable=True, count=n)
 
 
 def _finish_footer_position(f: _File, a: FileAnalysis, c: _Collector) -> None:

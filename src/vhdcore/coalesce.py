@@ -252,10 +252,6 @@ class _Merger:
         self.filled = bytearray(self.bm_bytes)
         self.lbm = bytearray(self.bm_bytes)
         self.zero_bm = bytes(self.bm_bytes)
-        if T.is_dynamic:
-            full = bytearray(T.bitmap_size)
-            K.bitmap_set_range(full, 0, T.sectors_per_block)
-            self.full_bitmap = bytes(full)
 
     # ------------------------------------------------------------------------- planning
 
@@ -379,7 +375,9 @@ class _Merger:
 
         # Where the block is in the target, and what the target held there.
         dest: int | None = v0 if T.is_fixed else T.block_file_offset(tb)
-        tbm = T.read_bitmap(tb) if (dest is not None and T.is_differencing) else None
+        # Dynamic targets too: libvhd reads a clear bit of a dynamic disk as zeros, so the copied sectors' bits
+        # are ORed into the target's bitmap whatever its type.
+        tbm = T.read_bitmap(tb) if (dest is not None and not T.is_fixed) else None
         if dest is not None:
             if tbm is None:
                 rep.shadowed_sectors += copied
@@ -430,12 +428,11 @@ class _Merger:
             self._write_data(w, direct, buf, dest, n)
             self._bitmap_update(w, tb, tbm)
         else:
-            if T.is_differencing:
-                bm = bytearray(T.bitmap_size)
-                bm[: self.bm_bytes] = filled
-                bitmap = bytes(bm)
-            else:
-                bitmap = self.full_bitmap
+            # Exactly the sectors some source holds, in a dynamic target as in a differencing one: the others
+            # read as zeros (dynamic) or through to the layers below (differencing), as they did before.
+            bm = bytearray(T.bitmap_size)
+            bm[: self.bm_bytes] = filled
+            bitmap = bytes(bm)
             off = w.new_slot()
             data_off = off + T.bitmap_size
             if n < U:  # the last block of a disk whose size is not a multiple of the block: zeros after its end
@@ -462,7 +459,8 @@ class _Merger:
             rep.partial_blocks += 1
 
     def _bitmap_update(self, w: TargetWriter, tb: int, tbm: bytes | None) -> None:
-        """A differencing target's existing block: its bitmap gains the copied sectors (after their data)."""
+        """An existing block of a dynamic or differencing target: its bitmap gains the copied sectors (after
+        their data)."""
         if tbm is None:
             return
         new = bytearray(tbm)

@@ -114,7 +114,8 @@ def _to_flat(disk: Disk, dst: str, fixed: bool, progress: ProgressFn | None) -> 
                 if progress:
                     progress(done, total)
         if fixed:
-            os.pwrite(fd, make_footer(size, DiskType.FIXED, data_offset=NO_DATA_OFFSET).pack(), size)
+            footer = make_footer(size, DiskType.FIXED, data_offset=NO_DATA_OFFSET, like=disk.leaf.footer)
+            os.pwrite(fd, footer.pack(), size)
             written += FOOTER_SIZE
     return ConvertReport("", dst, "fixed" if fixed else "raw", size, read, written, 0, skipped, 0, 0.0)
 
@@ -169,7 +170,9 @@ def write_dynamic(fd: int, disk: Disk, block_size: int, blocks: np.ndarray, keep
     is read from ``disk`` and written if ``keep(block, data)`` says so (``keep`` may rewrite the data in place).
 
     Data goes first, then the BAT that points at it, then the footer; ``fd`` is expected to be an
-    :func:`~vhdcore.create.atomic_output` file, so a crash leaves nothing under the final name.
+    :func:`~vhdcore.create.atomic_output` file, so a crash leaves nothing under the final name. Each block's
+    bitmap has the bits of the sectors inside the virtual size set (the block holds the content there, zeros
+    included), none past it. The leaf's creator and geometry are kept when they fit (``make_footer``).
     """
     size = disk.size
     st = DynamicWrite()
@@ -178,9 +181,12 @@ def write_dynamic(fd: int, disk: Disk, block_size: int, blocks: np.ndarray, keep
     spb = block_size // SECTOR_SIZE
     full_bitmap = bytearray(bm_size)
     K.bitmap_set_range(full_bitmap, 0, spb)
+    tail = size % block_size
+    last_bitmap = bytearray(bm_size)
+    K.bitmap_set_range(last_bitmap, 0, tail // SECTOR_SIZE)
     buf = bytearray(block_size)
     mv = memoryview(buf)
-    end = write_dynamic_layout(fd, size, block_size)
+    end = write_dynamic_layout(fd, size, block_size, like=disk.leaf.footer)
     pos = end - FOOTER_SIZE
     mte = -(-size // block_size)
     bat = np.full(mte, 0xFFFFFFFF, dtype=np.uint32)
@@ -196,7 +202,7 @@ def write_dynamic(fd: int, disk: Disk, block_size: int, blocks: np.ndarray, keep
             st.bytes_dropped += n
         else:
             pos = _next_block(pos, bm_size)
-            pwrite_all(fd, [full_bitmap, mv], pos)
+            pwrite_all(fd, [full_bitmap if n == block_size else last_bitmap, mv], pos)
             bat[b] = pos // SECTOR_SIZE
             pos += bm_size + block_size
             st.bytes_written += bm_size + block_size

@@ -15,7 +15,7 @@ import numpy as np
 
 from .chain import Disk, open_chain
 from .destination import atomic_output, check_destination  # atomic_output: convert/compact import it from here
-from .geometry import geometry_for_new_disk, vhd_timestamp
+from .geometry import Geometry, chs_from_size, geometry_for_new_disk, vhd_timestamp
 from .image import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, Image, _is_pow2
 from .locks import lock
 from .structs import (
@@ -28,6 +28,7 @@ from .structs import (
     HEADER_VERSION,
     HOST_OS_WINDOWS,
     NO_DATA_OFFSET,
+    OLD_CREATOR_APP,
     SECTOR_SIZE,
     DiskType,
     DynamicHeader,
@@ -48,23 +49,43 @@ def _round_up(n: int, a: int) -> int:
 
 
 def make_footer(size: int, disk_type: DiskType, *, data_offset: int, timestamp: int | None = None,
-                unique_id: uuid.UUID | None = None) -> Footer:
+                unique_id: uuid.UUID | None = None, like: Footer | None = None) -> Footer:
+    """A new footer. ``like``: the footer of the disk this one is rewritten from, whose creator and geometry
+    are kept when they still fit (see :func:`keeps_identity`); otherwise vhdcore's own (``structs.CREATOR_APP``
+    and the specification's geometry, which both libvhd and qemu read as the full size)."""
+    creator, version, host, geometry = CREATOR_APP, CREATOR_VERSION, HOST_OS_WINDOWS, geometry_for_new_disk(size)
+    if like is not None and keeps_identity(like, size):
+        creator, version, host = like.creator_app, like.creator_version, like.creator_os
+        geometry = Geometry.unpack(like.geometry)
     return Footer(
         features=FEATURE_RESERVED,
         format_version=FORMAT_VERSION,
         data_offset=data_offset,
         timestamp=vhd_timestamp() if timestamp is None else timestamp,
-        creator_app=CREATOR_APP,
-        creator_version=CREATOR_VERSION,
-        creator_os=HOST_OS_WINDOWS,  # the spec knows only Wi2k and Mac; Linux writers (qemu, vhd-util) say Wi2k
+        creator_app=creator,
+        creator_version=version,
+        creator_os=host,  # the spec knows only Wi2k and Mac; Linux writers (qemu, vhd-util) say Wi2k
         original_size=size,
         current_size=size,
-        geometry=geometry_for_new_disk(size).pack(),
+        geometry=geometry.pack(),
         disk_type=int(disk_type),
         checksum=0,
         unique_id=unique_id or uuid.uuid4(),
         saved_state=0,
     ).with_checksum()
+
+
+def keeps_identity(src: Footer, size: int) -> bool:
+    """Whether a disk rewritten from one with footer ``src`` keeps its creator and geometry.
+
+    Not when the size changes (the geometry describes the old size), not for vhdcore's old creator (its maximum
+    geometry fails libvhd's check), not for "tap\0" (it promises libvhd a batmap that vhdcore does not write),
+    and not when the geometry is larger than the specification's for the size (libvhd rejects it).
+    """
+    if src.current_size != size or src.creator_app in (OLD_CREATOR_APP, b"tap\0"):
+        return False
+    geo = Geometry.unpack(src.geometry)
+    return geo.heads > 0 and geo.sectors_per_track > 0 and geo.pack() <= chs_from_size(size).pack()
 
 
 def _check_size(size: int, block_size: int | None = None) -> None:
@@ -78,7 +99,8 @@ def _check_size(size: int, block_size: int | None = None) -> None:
 
 def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: DiskType = DiskType.DYNAMIC,
                          parent: Image | None = None, locators: Sequence[tuple[bytes, bytes]] = (),
-                         parent_name: str = "", unique_id: uuid.UUID | None = None) -> int:
+                         parent_name: str = "", unique_id: uuid.UUID | None = None,
+                         like: Footer | None = None) -> int:
     """Write footer copy, header, BAT (all unallocated), locator data and footer into an empty file.
 
     Returns the file size. Layout: footer copy at 0, header at 512, BAT at 1536, locator data after the BAT
@@ -96,7 +118,7 @@ def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: Disk
         locs.append(ParentLocator(code, space, len(data), pos))
         loc_data.append((pos, data))
         pos += space
-    footer = make_footer(size, disk_type, data_offset=FOOTER_SIZE, unique_id=unique_id)
+    footer = make_footer(size, disk_type, data_offset=FOOTER_SIZE, unique_id=unique_id, like=like)
     header = DynamicHeader(
         data_offset=NO_DATA_OFFSET,
         table_offset=table_offset,
@@ -142,22 +164,26 @@ def create(path: str | os.PathLike[str], size: int, type: str = "dynamic", block
 
 
 def parent_locators_for(parent_path: str, child_path: str) -> tuple[str, list[tuple[bytes, bytes]]]:
-    """The parent name and W2ku/W2ru/MacX locators a child at ``child_path`` records for ``parent_path``.
+    """The parent name and MacX/W2ku/W2ru locators a child at ``child_path`` records for ``parent_path``.
 
-    W2ru and MacX hold the path relative to the child (what resolution tries first); W2ku the absolute path
-    in Windows form. This is what Windows writes (W2ku + W2ru), plus the MacX that blktap's vhd-util writes.
+    As libvhd's own snapshots: the path relative to the child in every locator, MacX first (libvhd takes the
+    first locator that resolves, in slot order). No absolute path: a copied chain must open its own copies,
+    in vhdcore and in vhd-util, even while the originals exist. The name is the parent's file name, as libvhd
+    records it (its check refuses a name that differs from the locators' base name).
     """
     parent_abs = os.path.abspath(parent_path)
     rel = os.path.relpath(parent_abs, os.path.dirname(os.path.abspath(child_path)))
-    w2ru = ".\\" + rel.replace("/", "\\") if not rel.startswith("..") else rel.replace("/", "\\")
-    w2ku = parent_abs.replace("/", "\\")
-    macx = "file://./" + rel if not rel.startswith("..") else "file://" + parent_abs
+    if not rel.startswith(".." + os.sep):
+        rel = "./" + rel
+    # libvhd's Windows form: ".\\" before the relative path, "..\\" included (".\\..\\dir\\p.vhd").
+    windows = (".\\" + rel if rel.startswith("..") else rel).replace("/", "\\")
     locs = [
-        (b"W2ku", w2ku.encode("utf-16-le")),
-        (b"W2ru", w2ru.encode("utf-16-le")),
-        (b"MacX", macx.encode("utf-8")),
+        (b"MacX", ("file://" + rel).encode("utf-8")),
+        (b"W2ku", windows.encode("utf-16-le")),
+        (b"W2ru", windows.encode("utf-16-le")),
     ]
-    return rel, locs
+    # The parent unicode name is the file name alone: libvhd's check wants it to match the locators' base name.
+    return os.path.basename(parent_abs), locs
 
 
 # Test hook: called with the parent's path once its lock is held (the race tests run a coalesce there).

@@ -64,17 +64,21 @@ def chs_from_size(size: int) -> Geometry:
     return Geometry(cth // heads, heads, spt)
 
 
-def geometry_for_new_disk(size: int) -> Geometry:
-    """Geometry to record in a disk we create.
+def libvhd_chs(size: int) -> Geometry:
+    """The largest geometry libvhd accepts for a disk of ``size`` bytes (its ``vhd_chs``: the specification's
+    algorithm on the size rounded up to whole sectors, at least one). ``vhd-util check`` rejects a footer whose
+    packed geometry is larger ("geometry too large")."""
+    return chs_from_size(max(1, -(-size // SECTOR_SIZE)) * SECTOR_SIZE)
 
-    The specification's geometry when it describes the size exactly; otherwise the maximum geometry, which
-    CHS-sizing readers (qemu for creator applications it does not know) take as "trust the current size".
-    Without this, such a reader would see a disk truncated to the geometry's size.
+
+def geometry_for_new_disk(size: int) -> Geometry:
+    """Geometry to record in a disk we create: the specification's, computed from the size.
+
+    libvhd (`vhd-util check`) rejects a footer geometry larger than this ("geometry too large"), so the maximum
+    geometry is not an option below ~127 GiB. qemu sizes a disk by this geometry (which rounds down) unless the
+    creator application is one it trusts for the current size: see ``structs.CREATOR_APP``.
     """
-    geo = chs_from_size(size)
-    if geo.size == size:
-        return geo
-    return MAX_GEOMETRY
+    return chs_from_size(size)
 
 
 def vhd_timestamp(unix_time: float | None = None) -> int:

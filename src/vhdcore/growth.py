@@ -166,8 +166,7 @@ def _layer_present(img: Image) -> Intervals:
     bs = img.block_size
     blocks = img.allocated_blocks().astype(np.int64)
     blocks = blocks[blocks * bs < size]
-    if not img.is_differencing:
-        return Intervals.merged(blocks * bs, np.minimum(blocks * bs + bs, size))
+    # Dynamic disks too: a sector whose bit is clear is not held (libvhd reads it as zeros).
     starts, ends = array("q"), array("q")
     for b in blocks.tolist():
         base = b * bs
@@ -217,12 +216,7 @@ def _layer_zero_scan(img: Image, reader: _Reader) -> tuple[int, int]:
         part = mv[:n]
         img.preadinto(img.block_file_offset(b), part)
         reader.tick(n)
-        if not img.is_differencing:
-            if K.is_zero(part):
-                zero_blocks += 1
-                zero_bytes += n
-            continue
-        # A differencing block is zero when none of its present sectors holds data.
+        # A block (dynamic or differencing) is zero when none of its present sectors holds data.
         nsec = n // SECTOR_SIZE
         present = bytearray(img.read_bitmap(b)[: len(zmask)])
         K.sector_zero_mask(part[: nsec * SECTOR_SIZE], zmask)

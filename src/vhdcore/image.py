@@ -62,6 +62,15 @@ _BITMAP_CACHE_BLOCKS = 4096
 _ZEROS = bytes(4 * 1024 * 1024)
 
 
+def _relative_locator(text: str) -> bool:
+    """Whether a locator's path is relative to the child (``./p.vhd``, ``.\\p.vhd``, ``file://./p.vhd``,
+    ``file://../d/p.vhd``, a bare name), not absolute (``/d/p.vhd``, ``C:\\d\\p.vhd``, ``file:///d/p.vhd``)."""
+    t = text.strip()
+    if t.startswith("file://"):
+        return t.startswith(("file://./", "file://../"))
+    return not (t.startswith(("/", "\\")) or (len(t) > 1 and t[1] == ":"))
+
+
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -367,7 +376,9 @@ class Image:
         """Runs ``(offset, length, file_offset)`` of [start, stop) of the virtual disk, in order.
 
         ``file_offset`` is NOT_HERE where this file does not hold the data (zeros for a dynamic disk, the
-        parent's data for a differencing one). Cost follows the allocated blocks in the range.
+        parent's data for a differencing one). A sector whose bitmap bit is clear is not held, in dynamic and
+        differencing disks alike: the specification says such a sector was never written, and libvhd (XenServer)
+        reads it as zeros in a dynamic disk. Cost follows the allocated blocks in the range.
         """
         if start >= stop:
             return
@@ -380,7 +391,6 @@ class Image:
         last = (stop - 1) // bs
         i = int(np.searchsorted(alloc, first))
         pos = start
-        diff = self.disk_type == DiskType.DIFFERENCING
         bat = self.bat
         bmsize = self.bitmap_size
         while pos < stop:
@@ -395,16 +405,13 @@ class Image:
                 pos = bstart
             bend = min(stop, bstart + bs)
             data_off = int(bat[b]) * SECTOR_SIZE + bmsize
-            if not diff:
-                yield pos, bend - pos, data_off + (pos - bstart)
-            else:
-                bitmap = self.read_bitmap(b)
-                s0 = (pos - bstart) // SECTOR_SIZE
-                s1 = -(-(bend - bstart) // SECTOR_SIZE)
-                for first_bit, nbits, present in K.bitmap_runs(bitmap, s0, s1):
-                    rs = max(pos, bstart + first_bit * SECTOR_SIZE)
-                    re = min(bend, bstart + (first_bit + nbits) * SECTOR_SIZE)
-                    yield rs, re - rs, (data_off + (rs - bstart)) if present else NOT_HERE
+            bitmap = self.read_bitmap(b)
+            s0 = (pos - bstart) // SECTOR_SIZE
+            s1 = -(-(bend - bstart) // SECTOR_SIZE)
+            for first_bit, nbits, present in K.bitmap_runs(bitmap, s0, s1):
+                rs = max(pos, bstart + first_bit * SECTOR_SIZE)
+                re = min(bend, bstart + (first_bit + nbits) * SECTOR_SIZE)
+                yield rs, re - rs, (data_off + (rs - bstart)) if present else NOT_HERE
             pos = bend
 
     # ----------------------------------------------------------------------------------------- writes
@@ -416,7 +423,8 @@ class Image:
     def write_sectors(self, offset: int, data: bytes | memoryview) -> None:
         """Write sector-aligned ``data`` at virtual ``offset`` into this file, allocating blocks as needed.
 
-        Differencing disks get exactly the written sectors' bits set; a new block is zero elsewhere.
+        Every dynamic and differencing disk gets exactly the written sectors' bits set (libvhd's rule: a clear
+        bit is never-written, read as zeros or as the parent); a new block is zero elsewhere.
         """
         self._require_writable()
         mv = memoryview(data).cast("B")
@@ -446,14 +454,21 @@ class Image:
             self.allocate_block(b, in_block, piece)
             return
         self.pwrite(data_off + in_block, piece)
-        if self.disk_type == DiskType.DIFFERENCING:
-            bitmap = self.read_bitmap(b)
-            if K.bitmap_count(bitmap, s0, s1) != s1 - s0:
-                new = bytearray(bitmap)
-                K.bitmap_set_range(new, s0, s1)
-                # Data first, then the bitmap that says it is there.
-                self.pwrite(int(self.bat[b]) * SECTOR_SIZE, bytes(new))
-                self._bitmap_cache[b] = bytes(new)
+        self.set_bitmap_bits(b, s0, s1)
+
+    def set_bitmap_bits(self, b: int, s0: int, s1: int) -> None:
+        """Mark sectors [s0, s1) of allocated block ``b`` as written, after their data is in place.
+
+        Data first, then the bitmap that says it is there: a crash in between leaves the old content readable.
+        """
+        bitmap = self.read_bitmap(b)
+        if bitmap is None:
+            raise ValueError(f"block {b} is not allocated")
+        if K.bitmap_count(bitmap, s0, s1) != s1 - s0:
+            new = bytearray(bitmap)
+            K.bitmap_set_range(new, s0, s1)
+            self.pwrite(int(self.bat[b]) * SECTOR_SIZE, bytes(new))
+            self._bitmap_cache[b] = bytes(new)
 
     def new_block_offset(self) -> int:
         """Sector-aligned offset for a new block, so that its data starts on a page boundary."""
@@ -478,16 +493,11 @@ class Image:
         bs = self.block_size
         piece = memoryview(piece).cast("B")
         if bitmap is None:
-            if self.disk_type == DiskType.DIFFERENCING:
-                bm = bytearray(self.bitmap_size)
-                s0 = in_block // SECTOR_SIZE
-                K.bitmap_set_range(bm, s0, s0 + len(piece) // SECTOR_SIZE)
-                bitmap = bytes(bm)
-            else:
-                # Dynamic disks: every sector of an allocated block is "written" (zeros where nothing was).
-                bm = bytearray(self.bitmap_size)
-                K.bitmap_set_range(bm, 0, self.sectors_per_block)
-                bitmap = bytes(bm)
+            # Exactly the written sectors, in every disk type, as libvhd allocates.
+            bm = bytearray(self.bitmap_size)
+            s0 = in_block // SECTOR_SIZE
+            K.bitmap_set_range(bm, s0, s0 + len(piece) // SECTOR_SIZE)
+            bitmap = bytes(bm)
         offset = self.new_block_offset()
         iov: list = [bitmap]
         if in_block:
@@ -541,14 +551,18 @@ class Image:
         return self.pread(loc.data_offset, length)
 
     def parent_candidates(self) -> list[tuple[str, str]]:
-        """``(source, path)`` pairs naming the parent, in the order to try them: W2ru, MacX, W2ku, name."""
+        """``(source, path)`` pairs naming the parent, in the order to try them, then the parent unicode name.
+
+        libvhd takes the first locator that resolves, in slot order; vhdcore tries the relative locators first
+        (in slot order), then the absolute ones (in slot order): a copied chain opens its own copies even while
+        the originals exist, and a chain libvhd wrote (relative paths in every slot) resolves as libvhd does.
+        """
         if self.header is None or self.disk_type != DiskType.DIFFERENCING:
             return []
-        order = {b"W2ru": 0, b"MacX": 1, b"W2ku": 2, b"Wi2r": 3, b"Wi2k": 4}
-        found: list[tuple[int, str, str]] = []
-        for loc in self.parent_locators:
-            rank = order.get(loc.platform_code)
-            if rank is None:
+        known = (b"W2ru", b"MacX", b"W2ku", b"Wi2r", b"Wi2k")
+        found: list[tuple[int, int, str, str]] = []
+        for slot, loc in enumerate(self.parent_locators):
+            if loc.platform_code not in known:
                 continue
             raw = self.read_locator(loc)
             if raw is None:
@@ -556,9 +570,9 @@ class Image:
                 continue
             p = loc.decode_path(raw)
             if p:
-                found.append((rank, loc.platform_code.decode("latin-1"), p))
-        found.sort(key=lambda t: t[0])
-        out = [(src, p) for _, src, p in found]
+                found.append((0 if _relative_locator(p) else 1, slot, loc.platform_code.decode("latin-1"), p))
+        found.sort(key=lambda t: t[:2])
+        out = [(src, p) for _, _, src, p in found]
         name = self.header.parent_unicode_name
         if name:
             out.append(("name", name))

@@ -227,7 +227,7 @@ class VhdPackage(Package):
             bat[self.blocks] = (self.first_block + np.arange(n, dtype=np.int64) * self.stride) // SECTOR_SIZE
         self.bat = bat.astype(">u4").tobytes()
         self.footer = make_footer(size, DiskType.DYNAMIC, data_offset=FOOTER_SIZE, timestamp=timestamp,
-                                  unique_id=unique_id).pack()
+                                  unique_id=unique_id, like=disk.leaf.footer).pack()
         self.header = DynamicHeader(
             data_offset=NO_DATA_OFFSET, table_offset=self.table_offset, header_version=HEADER_VERSION,
             max_table_entries=mte, block_size=bs, checksum=0, parent_unique_id=_NIL_UUID, parent_timestamp=0,
@@ -273,6 +273,11 @@ class VhdPackage(Package):
                 disk.readinto(start, data[:k])
                 if k < bs:  # the disk ends inside its last block: the rest of the block reads as zeros
                     data[k:] = _ZEROS[: bs - k] if bs - k <= len(_ZEROS) else bytes(bs - k)
+                    # ... and its bitmap says so: no bit past the virtual size (the last block, so this slot
+                    # is not used again).
+                    last = bytearray(bm)
+                    K.bitmap_set_range(last, 0, k // SECTOR_SIZE)
+                    view[i * self.stride : i * self.stride + bm] = last
                 self.bytes_read += k
                 if m is not None:
                     if start > covered:
@@ -305,7 +310,8 @@ class FlatPackage(Package):
         zeros.append((disk.size, self.content_size - disk.size))
         self.zero_ranges = _merge_ranges(zeros)
         self.footer = (make_footer(self.content_size, DiskType.FIXED, data_offset=NO_DATA_OFFSET,
-                                   timestamp=timestamp, unique_id=unique_id).pack() if fixed else b"")
+                                   timestamp=timestamp, unique_id=unique_id, like=disk.leaf.footer).pack()
+                       if fixed else b"")
 
     def chunks(self) -> Iterator[memoryview]:
         m = self.manifest

@@ -202,7 +202,7 @@ def plan_relink(child_path: str, new_parent: Image) -> RelinkPlan:
         if len(name) > 255:
             name = os.path.basename(new_parent.path)
         table, writes, dropped = _fit_locators(h.parent_locators, wanted)
-        if any(code in ("W2ku", "W2ru") for code in dropped):  # MacX is a convenience for blktap only
+        if dropped:  # libvhd tries MacX first, Windows W2ru/W2ku: each matters to someone
             warnings.append(f"{img.path}: locator(s) {', '.join(dropped)} for {new_parent.path} do not fit the "
                             "space the old ones reserved; the parent name still finds it")
         mtime = vhd_timestamp(os.stat(new_parent.path).st_mtime)

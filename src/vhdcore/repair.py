@@ -6,7 +6,11 @@ What ``repair`` fixes (each only when ``check`` found it and the rest of the fil
   (the state a crash during block allocation leaves), written just after the last block;
 - bytes after the footer (``FILE_TRAILING_DATA``), truncated;
 - a missing, damaged or different footer copy at offset 0, rewritten from the footer;
-- with ``fix_checksums=True``, a footer or dynamic header checksum, when every other field is valid.
+- with ``fix_checksums=True``, a footer or dynamic header checksum, when every other field is valid;
+- with ``set_bitmap_bits=True`` (never by default), the sector-bitmap bits of sectors that hold data under a clear
+  bit (``BITMAP_CLEAR_DATA``): the data an older vhdcore wrote into existing blocks without setting their bits
+  becomes readable to libvhd and to vhdcore. Stale data a writer meant to hide would become readable too, which is
+  why only the user can ask for it.
 
 It never discards data reachable through the BAT: the footer goes at or after the end of the last block, and
 only bytes past it are cut. It refuses to touch a file whose BAT points past the end, into metadata or at
@@ -27,10 +31,11 @@ from typing import Sequence
 
 import xxhash
 
-from .check import ERROR, WARNING, FileAnalysis, Finding, analyse_file, check
+from .check import ERROR, WARNING, FileAnalysis, Finding, analyse_file, check, data_under_clear_bits
 from .destination import atomic_output, check_destination
 from .exceptions import InvalidFormatError, LockError, UnsafeOperationError
-from .structs import FOOTER_SIZE, HEADER_SIZE, DiskType, checksum
+from .image import MAX_BAT_ENTRIES
+from .structs import FOOTER_SIZE, HEADER_SIZE, SECTOR_SIZE, DiskType, bitmap_bytes, checksum
 
 UNDO_MAGIC = b"VHDCUNDO"
 UNDO_VERSION = 2
@@ -40,6 +45,8 @@ UNDO_VERSION = 2
 # one changed since).
 _UNDO_HEAD = struct.Struct(">8sIQQIQ16s16s")
 _UNDO_REC = struct.Struct(">QQ")  # offset, length; then the bytes
+# One record per bitmap set (at most one per BAT entry) plus the few footer, header and cut records.
+MAX_UNDO_RECORDS = MAX_BAT_ENTRIES + 64
 
 # Findings that mean the BAT cannot be trusted: a repair would have to guess which block is right.
 _BAT_ERRORS = {"BAT_ENTRY_PAST_EOF", "BAT_ENTRY_IN_METADATA", "BAT_ENTRY_OVERLAP", "BAT_OUTSIDE_FILE",
@@ -51,7 +58,8 @@ _FOOTER_FIELD_ERRORS = {"FOOTER_VERSION", "FOOTER_DISK_TYPE", "FOOTER_SIZE"}
 
 @dataclass
 class RepairAction:
-    code: str  # RESTORE_FOOTER, TRUNCATE, REWRITE_FOOTER_COPY, FIX_FOOTER_CHECKSUM, FIX_HEADER_CHECKSUM
+    code: str  # RESTORE_FOOTER, TRUNCATE, REWRITE_FOOTER_COPY, FIX_FOOTER_CHECKSUM, FIX_HEADER_CHECKSUM,
+    # SET_BITMAP_BITS
     offset: int
     length: int
     description: str
@@ -96,8 +104,37 @@ def _with_checksum(raw: bytes, field_offset: int) -> bytes:
     return bytes(b)
 
 
-def plan(a: FileAnalysis, fix_checksums: bool = False) -> tuple[list[RepairAction], list[str]]:
-    """The actions that repair ``a`` and the reasons other findings are left alone."""
+def plan(a: FileAnalysis, fix_checksums: bool = False, set_bitmap_bits: bool = False,
+         read=None) -> tuple[list[RepairAction], list[str]]:
+    """The actions that repair ``a`` and the reasons other findings are left alone.
+
+    ``set_bitmap_bits`` needs ``read(offset, n)`` on the disk: the new bitmaps are computed from the data.
+    """
+    actions, refused = _plan(a, fix_checksums)
+    if a.clear_data:
+        sectors = sum(n for _i, _s, n in a.clear_data)
+        if not set_bitmap_bits:
+            refused.append(f"{sectors} sector(s) in {len(a.clear_data)} block(s) hold data under clear bitmap bits "
+                           "(BITMAP_CLEAR_DATA): pass --set-bitmap-bits to make that data readable, if it is data "
+                           "the disk should hold")
+        elif a.codes() & _BAT_ERRORS or not a.blocks_ok:
+            refused.append("the BAT is damaged: bitmap bits were not set")
+        else:
+            if read is None:
+                raise ValueError("set_bitmap_bits needs read(offset, n)")
+            bm_bytes = bitmap_bytes(a.block_size)
+            spb = a.block_size // SECTOR_SIZE
+            for i, start, _n in a.clear_data:
+                sectors_in = min(spb, (a.size - i * a.block_size) // SECTOR_SIZE)
+                n, _first, fixed = data_under_clear_bits(read, read(start, bm_bytes), start + bm_bytes, sectors_in)
+                if n:
+                    actions.append(RepairAction("SET_BITMAP_BITS", start, bm_bytes,
+                                                f"set the bitmap bits of {n} sector(s) of block {i} that hold "
+                                                f"data", ("BITMAP_CLEAR_DATA",), bytes(fixed)))
+    return actions, refused
+
+
+def _plan(a: FileAnalysis, fix_checksums: bool) -> tuple[list[RepairAction], list[str]]:
     codes = a.codes()
     actions: list[RepairAction] = []
     refused: list[str] = []
@@ -297,7 +334,7 @@ def _lock(fd: int, path: str) -> None:
 
 
 def repair(path: str | os.PathLike[str], dry_run: bool = False, fix_checksums: bool = False, *,
-           parent_dirs: Sequence[str | os.PathLike[str]] | None = None,
+           set_bitmap_bits: bool = False, parent_dirs: Sequence[str | os.PathLike[str]] | None = None,
            undo_path: str | None = None, overwrite: bool = False) -> RepairReport:
     """Repair ``path`` in place (see the module text); returns what was done and what is left.
 
@@ -320,7 +357,7 @@ def repair(path: str | os.PathLike[str], dry_run: bool = False, fix_checksums: b
         _lock(fd, path)
         a = analyse_file(path, probe_lock=False)  # the lock is ours
         report = RepairReport(path, dry_run, before=list(a.findings))
-        actions, refused = plan(a, fix_checksums)
+        actions, refused = plan(a, fix_checksums, set_bitmap_bits, lambda off, n: _pread_exact(fd, off, n))
         report.actions = actions
         report.not_repaired = refused
         if not dry_run and actions:
@@ -371,9 +408,13 @@ def undo(undo_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> Non
             raise InvalidFormatError(f"undo file version {version} (this vhdcore reads {UNDO_VERSION}, which records "
                                      "the identity of its disk)", path=undo_path, offset=8, field="version",
                                      value=version)
+        # Every record takes at least its 16-byte head: a count the file cannot hold is refused, not trusted.
+        if count > MAX_UNDO_RECORDS or count * _UNDO_REC.size > usize - _UNDO_HEAD.size:
+            raise InvalidFormatError(f"undo file claims {count} records", path=undo_path, offset=28,
+                                     field="record count", value=count)
         records: list[tuple[int, int, int]] = []  # offset in the disk, length, offset in the undo file
         pos = _UNDO_HEAD.size
-        for _ in range(min(count, 64)):
+        for _ in range(count):
             rec = os.pread(ufd, _UNDO_REC.size, pos)
             if len(rec) != _UNDO_REC.size:
                 raise InvalidFormatError("undo file truncated", path=undo_path, offset=pos, field="record")

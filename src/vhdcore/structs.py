@@ -34,9 +34,19 @@ PARENT_NAME_BYTES = 512
 HOST_OS_WINDOWS = b"Wi2k"
 HOST_OS_MAC = b"Mac "
 
-# Every vhdcore-made disk says so in the footer.
-CREATOR_APP = b"vhdc"
+# The creator application of the disks vhdcore makes. Two readers decide this field between them: qemu sizes
+# a VHD by its CHS geometry (rounded down, so most sizes lose sectors) unless the creator is one it trusts for
+# the footer's current size ("win ", "qem2", "d2v ", "CTXS", "tap\0") or the geometry is the maximum; and
+# libvhd (XenServer) rejects a geometry larger than the specification's for the size, and takes "tap\0" to
+# promise a blktap batmap. "qem2" is the creator qemu itself writes to say "the current size is the size"
+# (its force_size); libvhd gives it no meaning. With the specification's geometry, both read the full size.
+CREATOR_APP = b"qem2"
 CREATOR_VERSION = 0x00010000
+# Creators for which qemu (block/vpc.c) takes the footer's current size rather than the CHS geometry.
+QEMU_TRUSTED_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
+# What vhdcore wrote before (with the maximum geometry when the size was not a CHS size): such footers are
+# re-made under the current policy when vhdcore rewrites a disk; any other creator is kept.
+OLD_CREATOR_APP = b"vhdc"
 
 
 class DiskType(enum.IntEnum):

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 
 from ..chain import Disk, open_chain
-from ..geometry import timestamp_to_datetime
+from ..geometry import MAX_GEOMETRY, libvhd_chs, timestamp_to_datetime
 from ..image import Image
+from ..structs import QEMU_TRUSTED_CREATORS
 from ._common import add_open_arguments, human, print_json
 
 NAME = "info"
@@ -34,6 +35,10 @@ def layer_info(img: Image) -> dict:
         "timestamp": iso_utc(f.timestamp),
         "unique_id": str(f.unique_id),
         "saved_state": bool(f.saved_state),
+        # What the two readers that look at creator and geometry make of them (README: compatibility).
+        "qemu_size": img.size if (f.creator_app in QEMU_TRUSTED_CREATORS or img.geometry == MAX_GEOMETRY)
+        else img.chs_size,
+        "libvhd_geometry_ok": img.geometry.pack() <= libvhd_chs(img.size).pack(),
     }
     if img.is_fixed:
         d.update(block_size=None, allocated_blocks=None, allocated_bytes=img.size)
@@ -87,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("allocated", f"{info['allocated_blocks']} blocks, {human(info['allocated_bytes'])}"))
     rows += [
         ("creator", f"{info['creator_app']} {info['creator_version']} ({info['creator_os']})"),
+        ("qemu reads", f"{human(info['qemu_size'])} ({info['qemu_size']} bytes"
+                       + ("" if info["qemu_size"] == info["virtual_size"] else "; sized by CHS: creator not one "
+                          "qemu trusts for the footer's size") + ")"),
+        ("libvhd geometry", "accepted" if info["libvhd_geometry_ok"] else
+         "too large for the size: vhd-util check rejects this footer"),
         ("timestamp", info["timestamp"]),
         ("unique id", info["unique_id"]),
     ]

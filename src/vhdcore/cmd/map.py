@@ -7,7 +7,10 @@ import os
 import sys
 from typing import Iterator
 
+import numpy as np
+
 from ..chain import Disk, open_chain
+from ..structs import UNUSED_BAT_ENTRY, DiskType
 from ._common import add_open_arguments
 
 NAME = "map"
@@ -77,8 +80,33 @@ def qemu_entries(disk: Disk) -> Iterator[dict]:
     """
     base = len(disk.layers) - 1
     cur: dict | None = None
+    top = disk.layers[0]
+
+    def block_pieces() -> Iterator[dict]:
+        # qemu's vpc driver never reads sector bitmaps: an allocated block is data, whole, at its file offset
+        # (vhdcore's own map follows the bitmaps, as libvhd does; the content is the same where the block's
+        # clear-bit sectors hold zeros, as every writer that follows the bitmap rule leaves them).
+        bs = top.block_size
+        pos = 0
+        for b in np.flatnonzero(top.bat != UNUSED_BAT_ENTRY).tolist():  # cost: the allocated blocks only
+            start = b * bs
+            if start >= disk.size:
+                break
+            if start > pos:
+                yield {"start": pos, "length": start - pos, "depth": 0, "present": True, "zero": True,
+                       "data": False}
+            n = min(bs, disk.size - start)
+            yield {"start": start, "length": n, "depth": 0, "present": True, "zero": False, "data": True,
+                   "offset": top.block_file_offset(b)}
+            pos = start + n
+        if pos < disk.size:
+            yield {"start": pos, "length": disk.size - pos, "depth": 0, "present": True, "zero": True,
+                   "data": False}
 
     def pieces() -> Iterator[dict]:
+        if base == 0 and top.disk_type == DiskType.DYNAMIC:
+            yield from block_pieces()
+            return
         for ext in disk.extents():
             if ext.layer is None:
                 yield {"start": ext.offset, "length": ext.length, "depth": base, "present": True, "zero": True,

@@ -11,7 +11,7 @@ from ._common import print_json, print_json_error
 
 NAME = "repair"
 HELP = ("restore a torn footer from its copy, rewrite a bad footer copy, cut bytes after the footer, "
-        "recompute checksums on request; every change is backed up")
+        "recompute checksums or set bitmap bits over hidden data on request; every change is backed up")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
     p.add_argument("--fix-checksums", action="store_true",
                    help="recompute footer/header checksums whose other fields are all valid")
+    p.add_argument("--set-bitmap-bits", action="store_true",
+                   help="set the bitmap bits of sectors that hold data under a clear bit (BITMAP_CLEAR_DATA), "
+                        "making that data readable; only when it is data the disk should hold")
     p.add_argument("--undo", metavar="UNDO_FILE", help="put back what an earlier repair changed, from its undo file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--parent-dir", action="append", default=[], metavar="DIR",
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.path}: restored from {args.undo}")
             return 0
         rep = repair(args.path, dry_run=args.dry_run, fix_checksums=args.fix_checksums,
-                     parent_dirs=args.parent_dir)
+                     set_bitmap_bits=args.set_bitmap_bits, parent_dirs=args.parent_dir)
     except (OSError, VHDError) as e:
         print(f"vhdcore repair: error: {e}", file=sys.stderr)
         if args.json:
