@@ -177,7 +177,11 @@ def test_crash_at_every_write_then_rerun(tmp_path: Path, monkeypatch) -> None:
         if doc["phase"] == "copy":
             assert parent_of(child) == str(a), f"write {at}"
             assert content(child) == bytes(model), f"write {at}"
-            assert vhdcore.check(child, chain=True).clean, f"write {at}"
+            # Data written before its bits (the crash came between them) is a BITMAP_CLEAR_DATA warning: every
+            # reader still gets the old content, as the line above shows.
+            left = [f for f in vhdcore.check(child, chain=True).findings
+                    if f.severity in ("error", "warning") and f.code != "BITMAP_CLEAR_DATA"]
+            assert not left, (f"write {at}", [str(f) for f in left])
         else:
             # The fault hit the relink: tear the header as a power cut could (its first sector only).
             relink_faults += 1

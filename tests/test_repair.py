@@ -424,7 +424,8 @@ def test_set_bitmap_bits_on_many_blocks_is_undone_exactly(tmp_path) -> None:
 def test_undo_file_claiming_more_records_than_it_holds_is_refused(tmp_path) -> None:
     lay = B.build(tmp_path / "d.vhd")
     u = tmp_path / "bad.undo"
-    u.write_bytes(struct.pack(">8sIQQI", b"VHDCUNDO", 1, 4096, 0, 10_000) + bytes(64))
+    u.write_bytes(struct.pack(">8sIQQIQ16s16s", b"VHDCUNDO", 2, 4096, 0, 10_000, 4096, bytes(16), bytes(16))
+                  + bytes(64))
     with pytest.raises(InvalidFormatError) as e:
         undo(u, lay.path)
     assert e.value.field == "record count"
