@@ -190,6 +190,8 @@ def export(
     unique_id: uuid.UUID | None = None,
     timestamp: int | None = None,
     zero_scan: bool | None = None,
+    read_limiter: Any = None,
+    upload_limiter: Any = None,
     **sink_options: Any,
 ) -> ExportReport:
     """Package the chain at ``src`` and deliver it to ``dest`` (a path, ``swift://container/object``, ``s3://``).
@@ -201,6 +203,8 @@ def export(
     ``DEST.xxh3.json`` (uploaded beside a remote object), a path or URL puts it there, False skips it.
     ``block_size`` (vhd), ``unique_id`` and ``timestamp`` (vhd, fixed footers) shape the new disk;
     ``zero_scan`` (vhd; default: when a layer is a fixed VHD) reads the blocks once first to leave out all-zero ones.
+    ``read_limiter`` / ``upload_limiter`` (:class:`vhdcore.jobs.throttle.TokenBucket`) cap the bytes read through
+    the chain and the bytes handed to the destination, per second (``--max-read-rate``, ``--max-upload-rate``).
     Other keyword options go to the sink (``segment_size``, ``concurrency``, credentials, ``fsync``...).
 
     The image is committed (renamed into place, or the SLO manifest / multipart upload completed) before its
@@ -222,6 +226,10 @@ def export(
     from .upload.pipeline import deliver  # the compressors load with it
 
     with open_chain(src, "r", parent_dirs, strict=strict) as disk:
+        if read_limiter is not None:  # every read of the export (zero scan, package, manifest) pays the bucket
+            from .jobs.throttle import throttled_readinto
+
+            disk.readinto = throttled_readinto(disk.readinto, read_limiter)  # type: ignore[method-assign]
         if not remote:
             target = os.path.realpath(parse_destination(dest)[2])
             if any(os.path.realpath(img.path) in (target, target + MANIFEST_SUFFIX) for img in disk.layers):
@@ -247,7 +255,8 @@ def export(
         try:
             result = deliver(pkg.chunks(), dest, compression=kind, level=level, threads=threads,
                              compressor_options=copts, digests=tuple(digests), input_size=pkg.size,
-                             progress=track.on_pipeline, sink_progress=track.on_sink, **sink_options)
+                             upload_limiter=upload_limiter, progress=track.on_pipeline,
+                             sink_progress=track.on_sink, **sink_options)
         finally:
             if side_thread is not None:
                 side_thread.join()
