@@ -49,7 +49,7 @@ class TokenBucket:
         return wait
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rate": self.rate, "burst": self.burst, "bytes": self.consumed, "waited_seconds": round(self.waited, 3)}
+        return {"rate": round(self.rate), "burst_bytes": round(self.burst), "bytes": self.consumed, "waited_seconds": round(self.waited, 3)}
 
 
 def throttled_readinto(readinto: Callable[[int, Any], Any], bucket: TokenBucket) -> Callable[[int, Any], Any]:
