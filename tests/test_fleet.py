@@ -219,3 +219,33 @@ def test_broken_chain_fails_in_preflight_without_retry(tmp_path, redis, workers)
     assert res[outside]["state"] == "failed" and "chain directories" in res[outside]["error"]["message"]
     assert {p: file_sha256(p) for p in before} == before
     assert not list((d / "out").iterdir())
+
+
+def test_same_job_delivered_twice_images_once_and_timeouts_retry_with_backoff(tmp_path, redis, workers):
+    d, leaves = _host(tmp_path, "hv-t", 2, size=8 * MiB)
+    state = tmp_path / "state-hv-t"
+    workers.append(Worker(redis.url, "hv-t", state, d, 2).start())
+    app = make_app(redis.url)
+    # one job id sent twice (as a client retrying its submit would): both deliveries may run at once
+    dup = submit(str(leaves[0]), str(d / "out" / "dup.raw"), host="hv-t", app=app, options=RAW,
+                 limits={"max_read_rate": 8 * MiB})
+    submit(str(leaves[0]), str(d / "out" / "dup.raw"), host="hv-t", app=app, options=RAW,
+           limits={"max_read_rate": 8 * MiB}, job_id=dup)
+    # a job whose export always runs past its limit: retried with backoff, then given up
+    slow = submit(str(leaves[1]), str(d / "out" / "slow.raw"), host="hv-t", app=app, options=RAW,
+                  limits={"max_read_rate": 4 * MiB, "timeouts": {"export": 0.3}}, max_retries=2, retry_backoff=0.4)
+    res = _wait(app, [dup, slow], timeout=60)
+    assert res[dup]["state"] == "complete"
+    time.sleep(1.0)  # let the second delivery finish too
+    rec = _record(state, dup)
+    assert rec["attempt"] == 1 and rec["stages"]["export"]["runs"] == 1
+    assert file_sha256(d / "out" / "dup.raw") == disk_sha256(leaves[0])
+    s = res[slow]
+    assert s["state"] == "failed" and s["error"]["code"] == "StageTimeout" and s["error"]["retry"] is True
+    rec = _record(state, slow)
+    assert rec["attempt"] == 3 and [t["state"] for t in rec["transitions"]].count("retry") == 3
+    starts = [_t(t["time"]) for t in rec["transitions"] if t["state"] == "preparing" and t.get("stage") is None]
+    ends = [_t(t["time"]) for t in rec["transitions"] if t["state"] == "retry"]
+    gaps = [b - a for a, b in zip(ends, starts[1:])]
+    assert 0.2 - 0.05 <= gaps[0] <= 0.4 + 0.5 and 0.4 - 0.05 <= gaps[1] <= 0.8 + 0.5, gaps  # 0.4*2^n*[0.5,1)
+    assert not (d / "out" / "slow.raw").exists()
