@@ -31,13 +31,15 @@ def _ping(port: int) -> bool:
 
 
 class Redis:
-    """redis-server on 127.0.0.1:port with its data in ``directory``, append-only file on, fsync always."""
+    """redis-server on 127.0.0.1:port with its data in ``directory``, append-only file on (fsync always unless
+    told otherwise)."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, appendfsync: str = "always") -> None:
         if REDIS is None:
             pytest.skip("redis-server not installed (scripts/bootstrap.sh installs it)")
         self.dir = directory
         self.port = port or free_port()
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -48,7 +50,7 @@ class Redis:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--appendonly", "yes",
-             "--appendfsync", "always", "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+             "--appendfsync", self.appendfsync, "--save", "", "--daemonize", "no", "--protected-mode", "yes",
              "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         end = time.monotonic() + 10
