@@ -75,10 +75,12 @@ class Worker:
     """`vhdcore worker` for one host, in its own process group (a SIGKILL takes the pool with it)."""
 
     def __init__(self, broker: str, host: str, state_dir: Path, chains_dir: Path, k: int,
-                 visibility_timeout: float = 30.0) -> None:
+                 visibility_timeout: float = 30.0, output_dir: Path | None = None) -> None:
         self.cmd = [sys.executable, "-m", "vhdcore", "worker", "--broker", broker, "--host-id", host,
                     "--max-concurrent", str(k), "--state-dir", str(state_dir), "--chains-dir", str(chains_dir),
                     "--visibility-timeout", str(visibility_timeout), "--loglevel", "WARNING"]
+        if output_dir is not None:
+            self.cmd += ["--output-dir", str(output_dir)]
         self.log = state_dir.parent / f"worker-{host}.log"
         self.proc: subprocess.Popen | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,29 @@ def workers(tmp_path):
         w.stop()
 
 
-def _host(tmp_path: Path, name: str, chains: int, size: int = 4 * MiB) -> tuple[Path, list[Path]]:
+def _libvhd_chain(c: Path, seed: int) -> Path:
+    """base + child made and written by libvhd itself (vhd-util create/snapshot, vhdw = tapdisk's write path)."""
+    import os
+    import random
+
+    util, vhdw = os.environ["VHD_UTIL"], os.environ["VHDW"]
+    rnd = random.Random(seed)
+    c.mkdir()
+    subprocess.run([util, "create", "-n", "base.vhd", "-s", "4"], cwd=c, check=True, capture_output=True)
+    for disk in ("base.vhd", "leaf.vhd"):
+        if disk == "leaf.vhd":
+            subprocess.run([util, "snapshot", "-n", "leaf.vhd", "-p", "base.vhd"], cwd=c, check=True,
+                           capture_output=True)
+        for i in range(6):
+            data = c / "data.bin"
+            data.write_bytes(rnd.randbytes(512 * rnd.randrange(1, 300)))
+            subprocess.run([vhdw, disk, str(rnd.randrange(0, 8192 - 300)), data], cwd=c, check=True,
+                           capture_output=True)
+    (c / "data.bin").unlink()
+    return c / "leaf.vhd"
+
+
+def _host(tmp_path: Path, name: str, chains: int, size: int = 4 * MiB, libvhd: int = 0) -> tuple[Path, list[Path]]:
     d = tmp_path / name
     d.mkdir()
     leaves = []
@@ -87,13 +110,17 @@ def _host(tmp_path: Path, name: str, chains: int, size: int = 4 * MiB) -> tuple[
         c.mkdir()
         paths, _ = build_chain(c, 2, size=size, block_size=512 * 1024, writes=25, seed=i + 100 * len(name))
         leaves.append(paths[-1])
+    for i in range(libvhd):
+        leaves.append(_libvhd_chain(d / f"libvhd{i}", seed=i + 7))
     (d / "out").mkdir()
     return d, leaves
 
 
 def test_two_hosts_40_jobs_cap_and_digests(tmp_path, redis, workers):
     k = 2
-    hosts = {h: _host(tmp_path, h, 4) for h in ("hv-a", "hv-b")}
+    # vhdcore-made chains, and libvhd-made ones where XenServer's vhd-util and vhdw are available
+    libvhd = 2 if os.environ.get("VHD_UTIL") and os.environ.get("VHDW") else 0
+    hosts = {h: _host(tmp_path, h, 4, libvhd=libvhd) for h in ("hv-a", "hv-b")}
     for h, (d, _) in hosts.items():
         workers.append(Worker(redis.url, h, tmp_path / f"state-{h}", d, k).start())
     app = make_app(redis.url)
@@ -203,12 +230,13 @@ def test_broken_chain_fails_in_preflight_without_retry(tmp_path, redis, workers)
     orphan.mkdir()
     shutil.copy(leaves[0], orphan / "leaf.vhd")  # its parent is not where its locators point
     state = tmp_path / "state-hv-x"
-    workers.append(Worker(redis.url, "hv-x", state, d, 1).start())
+    workers.append(Worker(redis.url, "hv-x", state, d, 1, output_dir=d / "out").start())
     app = make_app(redis.url)
     before = {p: file_sha256(p) for p in d.rglob("*.vhd")}
     bad = submit(str(orphan / "leaf.vhd"), str(d / "out" / "x.raw"), host="hv-x", app=app, options=RAW)
     outside = submit(str(tmp_path / "elsewhere.vhd"), str(d / "out" / "y.raw"), host="hv-x", app=app, options=RAW)
-    res = _wait(app, [bad, outside], timeout=60)
+    astray = submit(str(leaves[0]), str(tmp_path / "astray.raw"), host="hv-x", app=app, options=RAW)
+    res = _wait(app, [bad, outside, astray], timeout=60)
     s = res[bad]
     assert s["state"] == "failed" and s["celery_state"] == "FAILURE"
     assert s["error"]["code"] == "CheckFailedError" and "parent" in s["error"]["message"], s["error"]
@@ -217,6 +245,8 @@ def test_broken_chain_fails_in_preflight_without_retry(tmp_path, redis, workers)
     assert rec["attempt"] == 1 and [t["state"] for t in rec["transitions"]].count("failed") == 1
     assert "export" not in rec["stages"]
     assert res[outside]["state"] == "failed" and "chain directories" in res[outside]["error"]["message"]
+    assert res[astray]["state"] == "failed" and "output directories" in res[astray]["error"]["message"]
+    assert not (tmp_path / "astray.raw").exists()
     assert {p: file_sha256(p) for p in before} == before
     assert not list((d / "out").iterdir())
 

@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "~/.local/state/vhdcore/jobs"), metavar="DIR", help="where job records live (DIR/<job id>/job.json)")
     p.add_argument("--chains-dir", action="append", default=[], metavar="DIR",
                    help="accept only jobs whose leaf is under DIR (repeatable; default: any path)")
+    p.add_argument("--output-dir", action="append", default=[], metavar="DIR",
+                   help="accept only jobs whose local destination is under DIR (repeatable; default: any path; "
+                        "swift:// and s3:// destinations are not affected)")
     p.add_argument("--visibility-timeout", type=float, default=None, metavar="SECONDS",
                    help="broker redelivers a job not acknowledged after this long; longer than the longest job "
                         "(default 24 h)")
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     state_dir = os.path.abspath(args.state_dir)
     os.makedirs(state_dir, exist_ok=True)
     celeryapp.WORKER.update(host=args.host_id, state_dir=state_dir,
-                            chains_dirs=[os.path.realpath(d) for d in args.chains_dir])
+                            chains_dirs=[os.path.realpath(d) for d in args.chains_dir],
+                            output_dirs=[os.path.realpath(d) for d in args.output_dir])
     app.worker_main(["worker", "-Q", queue, "-c", str(args.max_concurrent), "-P", "prefork",
                      "-n", f"vhdcore-{args.host_id}@%h", "--prefetch-multiplier", "1", "-l", args.loglevel,
                      "--without-gossip", "--without-mingle", "-E"])

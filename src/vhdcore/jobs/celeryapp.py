@@ -165,11 +165,18 @@ def _image_task(self: Any, leaf: str, dest: str, host: str, options: dict[str, A
 
     with _job_lock(os.path.join(state_dir, job_id + ".lock")):
         chains = WORKER.get("chains_dirs") or []
+        outputs = WORKER.get("output_dirs") or []
+        local = "://" not in dest or dest.startswith("file://")
+        refused = None
         if chains and not _inside(leaf, chains):
+            refused = f"{leaf} is not under this host's chain directories ({', '.join(chains)})"
+        elif outputs and local and not _inside(os.path.dirname(os.path.abspath(dest.removeprefix("file://"))),
+                                                outputs):
+            refused = f"{dest} is not under this host's output directories ({', '.join(outputs)})"
+        if refused:
             rec = JobRecord.open(job_dir, leaf=os.path.abspath(leaf), destination=dest, options={}, job_id=job_id,
                                  host=host)
-            exc = PermissionError(f"{leaf} is not under this host's chain directories ({', '.join(chains)})")
-            rec.fail(exc, retry=False)
+            rec.fail(PermissionError(refused), retry=False)
             raise JobFailed(json.dumps(summary(rec)))
         try:
             rec = run_job(leaf, dest, job_dir, job_id=job_id, host=host, on_update=on_update,
