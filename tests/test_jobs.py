@@ -190,12 +190,59 @@ def test_read_throttle_holds_50_MBps_and_the_eta_reflects_it(tmp_path):
     rec = run_job(tmp_path / "big.vhd", str(tmp_path / "big.raw.zst"), tmp_path / "job", package="raw",
                   analyse=False, max_read_rate=rate, on_update=on_update)
     thr = rec.data["output"]["throttles"]["read"]
-    seconds = rec.stage("export")["seconds"]
     assert thr["bytes"] >= size
-    measured = thr["bytes"] / seconds
-    assert 0.9 * rate <= measured <= 1.1 * rate, (measured / MiB, seconds)
+    measured = thr["bytes"] / thr["seconds"]  # from the first read to the last
+    # never more than 10 % over the limit; under it only as far as a busy machine may starve the reader
+    assert 0.8 * rate <= measured <= 1.1 * rate, (measured / MiB, thr)
     assert time.monotonic() - t0 >= size / rate * 0.9
+    assert thr["bytes"] / rec.stage("export")["seconds"] <= 1.1 * rate  # the whole stage, too
     mid = [s for s in samples if 0.2 < s[0] / s[1] < 0.8]
     assert mid, samples
     for done, total, eta in mid:  # what is left at the limit, not at the disk's own speed
-        assert eta == pytest.approx((total - done) / rate, rel=0.25, abs=0.3)
+        assert eta == pytest.approx((total - done) / rate, rel=0.3, abs=0.3), (done, total, eta)
+
+
+def test_coalesce_timed_out_is_retried_and_completes_without_redoing_merged_blocks(chain, tmp_path):
+    """Each attempt stops at its time limit with its merged blocks journaled; the next one merges only the rest."""
+    leaf, out, job = chain[-1], tmp_path / "out.vhd", tmp_path / "job"
+    content = disk_sha256(leaf)
+    attempts = []
+    for _ in range(12):
+        try:
+            rec = run_job(leaf, str(out), job, compression="none", coalesce_in_place=True, max_read_rate=24 * MiB,
+                          timeouts={"coalesce": 0.5})
+        except StageTimeout:
+            attempts.append(_record(job)["stages"]["coalesce"])
+            assert all(p.exists() for p in chain) and disk_sha256(leaf) == content  # consistent at every stop
+            continue
+        break
+    else:
+        raise AssertionError("the coalesce never completed")
+    assert len(attempts) >= 2, attempts  # it did time out, more than once
+    result = rec.stage("coalesce")["result"]
+    assert result["blocks_resumed"] > 0  # the last attempt took up where the others stopped
+    assert result["blocks_copied"] < result["blocks_resumed"]  # and merged only what was left
+    assert disk_sha256(chain[0]) == content == disk_sha256(out)
+    assert not chain[1].exists() and not chain[2].exists()
+    assert not [n for n in os.listdir(tmp_path) if "coalesce" in n]  # journals gone
+
+
+def test_coalesce_progress_journal_of_a_changed_chain_is_ignored(chain, tmp_path):
+    from vhdcore.coalesce import coalesce
+    from vhdcore.merge_progress import progress_path
+
+    content = disk_sha256(chain[-1])
+    with pytest.raises(StageTimeout):
+        def stop(done, total, **info):
+            if done > 4 * MiB:
+                raise StageTimeout("stop here")
+        coalesce(chain[-1], into=chain[0], resume=True, progress=stop)
+    journal = Path(progress_path(str(chain[-1])))
+    assert json.loads(journal.read_text())["done"]
+    with vhdcore.open(chain[-1], "r+") as d:  # the VM ran on: the leaf changed after the interrupted merge
+        d.write(0, b"\x5a" * 65536)
+    rep = coalesce(chain[-1], into=chain[0], resume=True)
+    assert rep.blocks_resumed == 0 and not journal.exists()  # the whole merge again, the new write with it
+    with vhdcore.open(chain[0]) as d:
+        assert d.read(0, 65536) == b"\x5a" * 65536
+    assert content != disk_sha256(chain[0])

@@ -5,9 +5,10 @@
 * every state transition, stage start and end, byte count, rate and ETA goes into ``D/job.json``;
 * resumable: run again with the same job directory after a crash or a kill, it continues the same job. A stage
   whose output verifies is not run again: a delivered image (its size and sha256 read back against the record)
-  skips check, preflight, growth and export; an interrupted ``--coalesce-in-place`` continues from its own
-  journal. A local destination that did not exist when the job first started is the job's own: a rerun may
-  replace it (an export interrupted between rename and record leaves one);
+  skips check, preflight, growth and export; an interrupted ``--coalesce-in-place`` continues where it
+  stopped (``coalesce(resume=True)``: its progress journal lists the blocks already merged; then coalesce's own
+  journal finishes the relink and removal). A local destination that did not exist when the job first started
+  is the job's own: a rerun may replace it (an export interrupted between rename and record leaves one);
 * stage time limits (``timeouts={"coalesce": s, "export": s, ...}``): the running stage checks its clock at
   every progress update of the thread that runs it and, past its limit, raises :class:`~.record.StageTimeout`
   there. That is a consistent point by construction: an export aborts its sink (no partial object is left), a
@@ -172,7 +173,7 @@ def _summary(name: str, result: Any) -> dict[str, Any]:
                 "compression": d.get("compression")}
     if name == "check":
         return {"clean": bool(getattr(result, "clean", False)), "findings": len(getattr(result, "findings", []))}
-    keep = ("bytes_copied", "merged_layers", "target", "used_bytes", "file_size", "reclaimable_bytes",
+    keep = ("bytes_copied", "blocks_copied", "blocks_resumed", "merged_layers", "target", "used_bytes", "file_size", "reclaimable_bytes",
             "bytes_before", "bytes_after", "mode")
     return {k: d[k] for k in keep if k in d}
 
@@ -255,7 +256,8 @@ def run_job(
                 base = disk.layers[-1].path
             if depth > 1 or os.path.exists(journal_path(leaf)):
                 track.enter("coalesce", "coalescing")
-                co = do_coalesce(leaf, into=base, remove_child=True, parent_dirs=parent_dirs, progress=track)
+                co = do_coalesce(leaf, into=base, remove_child=True, parent_dirs=parent_dirs, progress=track,
+                                 resume=True)
                 warnings.extend(co.warnings)
                 rec.stage_done("coalesce", _summary("coalesce", co))
             else:

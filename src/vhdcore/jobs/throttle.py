@@ -31,6 +31,8 @@ class TokenBucket:
         self._lock = threading.Lock()
         self.consumed = 0
         self.waited = 0.0
+        self.started: float | None = None  # the first and the latest consume: the span the limit applied to
+        self.ended: float | None = None
 
     def consume(self, n: int) -> float:
         """Take ``n`` tokens; returns the seconds slept to stay under the rate."""
@@ -38,6 +40,8 @@ class TokenBucket:
             return 0.0
         with self._lock:
             now = self._clock()
+            if self.started is None:
+                self.started = now
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
             self._last = now
             self._tokens -= n
@@ -46,10 +50,12 @@ class TokenBucket:
         if wait > 0:
             self._sleep(wait)
             self.waited += wait
+        self.ended = self._clock()
         return wait
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rate": round(self.rate), "burst_bytes": round(self.burst), "bytes": self.consumed, "waited_seconds": round(self.waited, 3)}
+        return {"rate": round(self.rate), "burst_bytes": round(self.burst), "bytes": self.consumed, "waited_seconds": round(self.waited, 3),
+                "seconds": round(self.ended - self.started, 3) if self.started is not None and self.ended else None}
 
 
 def throttled_readinto(readinto: Callable[[int, Any], Any], bucket: TokenBucket) -> Callable[[int, Any], Any]:
