@@ -146,20 +146,29 @@ def test_sigkill_mid_export_then_rerun_continues_the_job(chain, tmp_path):
 
 
 def test_sigkill_after_delivery_skips_the_export_on_rerun(chain, tmp_path):
-    """Killed in the in-place coalesce: the rerun verifies the delivered image, skips the export, finishes."""
+    """Killed in the in-place coalesce: the rerun verifies the delivered image, skips the export, and merges only
+    the blocks the killed run had not journaled."""
     leaf, out, job = chain[-1], tmp_path / "out.vhd", tmp_path / "job"
     content = disk_sha256(leaf)
     cmd = VHDCORE + ["image", leaf, out, "--compress", "none", "--job-dir", job, "--progress", "none",
                      "--coalesce-in-place"]
     # the read limit makes the merge take seconds (it reads the chain): the kill lands inside it
-    p = subprocess.Popen(cmd + ["--max-read-rate", "24M"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _kill_when(p, job, lambda d: d["state"] == "coalescing")
+    p = subprocess.Popen(cmd + ["--max-read-rate", "12M"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # killed well into the merge (past its first checkpoints, which come about once a second)
+    _kill_when(p, job, lambda d: d["state"] == "coalescing" and (d["progress"] or {}).get("total")
+               and d["progress"]["done"] >= 0.35 * d["progress"]["total"])
     mtime = out.stat().st_mtime_ns
+    from vhdcore.merge_progress import progress_path
+
+    journaled = sum(b - a for a, b in json.loads(Path(progress_path(str(leaf))).read_text())["done"])
+    assert journaled > 0  # the killed merge had made some blocks durable and said so
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     d = _record(job)
     assert d["state"] == "complete" and d["stages"]["coalesce"]["state"] == "done" and d["attempt"] == 2
     assert d["stages"]["export"]["state"] == "skipped" and out.stat().st_mtime_ns == mtime
+    co = d["stages"]["coalesce"]["result"]
+    assert co["blocks_resumed"] == journaled  # every block the killed run merged durably was not merged again
     assert disk_sha256(chain[0]) == content == disk_sha256(out)
     assert not chain[2].exists()
 
