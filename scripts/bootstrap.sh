@@ -13,6 +13,7 @@ DEB_PACKAGES=(
   zstd pigz bzip2                    # reference compressors for export tests and benchmarks
   xfsprogs                           # mkfs.xfs and xfs_db for the XFS guest tests
   memcached swift swift-proxy swift-account swift-container swift-object python3-swiftclient  # real Swift
+  redis-server                       # broker for the fleet tests (each test starts its own on 127.0.0.1)
 )
 
 missing=()
@@ -22,7 +23,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
-  # Keep package post-install scripts from starting services (swift, memcached) on the host.
+  # Keep package post-install scripts from starting services (swift, memcached, redis) on the host.
   policy_created=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
@@ -41,7 +42,7 @@ stamp=.venv/.vhdcore-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
    || [ src/vhdcore/_coalesce.pyx -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test,swift,s3,bench,dist]"
+  .venv/bin/python -m pip install -q -e ".[test,swift,s3,bench,dist,fleet]"
   touch "$stamp"
 fi
 .venv/bin/python -c "import vhdcore; assert vhdcore.BACKEND == 'cython', vhdcore.BACKEND"

@@ -105,10 +105,14 @@ def outputs(tmp_path_factory) -> dict[str, object]:
 def test_the_document_covers_every_command() -> None:
     from vhdcore.cli import COMMANDS
 
-    assert set(documented_keys()) >= set(COMMANDS)
+    assert set(documented_keys()) >= set(COMMANDS) - {"worker"}  # a service: it prints no JSON
 
 
-@pytest.mark.parametrize("command", sorted(documented_keys()))
+# submit, status and jobs need a broker: tests/test_fleet.py holds their documents to this vocabulary
+FLEET = {"submit", "status", "jobs"}
+
+
+@pytest.mark.parametrize("command", sorted(set(documented_keys()) - FLEET))
 def test_command_json_follows_the_vocabulary(outputs, command: str) -> None:
     doc = outputs[command]
     keys = documented_keys()[command]

@@ -16,7 +16,8 @@ from .exceptions import VHDError
 
 # Sub-command modules under vhdcore.cmd, in the order ``--help`` lists them.
 COMMANDS = ["info", "map", "create", "snapshot", "convert", "coalesce", "check", "repair", "growth", "compact",
-            "export", "verify", "image", "compare", "measure", "setparent", "resize", "rebase"]
+            "export", "verify", "image", "compare", "measure", "setparent", "resize", "rebase", "submit", "status",
+            "jobs", "worker"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

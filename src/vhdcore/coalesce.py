@@ -52,6 +52,7 @@ from .exceptions import (
 from .coalesce_writer import TargetWriter, WriteIO, pieces
 from .image import Image
 from .locks import lock
+from .merge_progress import MergeProgress
 from .progress import Stages, as_progress
 from .relink import (
     JournalError,
@@ -102,6 +103,7 @@ class CoalesceReport:
     partial_blocks: int = 0  # merged sector by sector
     bytes_copied: int = 0  # sectors copied into the target, in bytes
     blocks_allocated: int = 0  # new blocks in the target
+    blocks_resumed: int = 0  # target blocks an interrupted run (resume=True) had merged already: not redone
     zero_blocks_skipped: int = 0  # all-zero blocks over nothing: not allocated (they already read as zeros)
     shadowed_sectors: int = 0  # copied sectors that replaced data the target held (the duplicate data eliminated)
     target_size_before: int = 0
@@ -237,6 +239,8 @@ class _Merger:
         self.report = report
         self.io = io
         self.progress = as_progress(progress) if progress is not None else None
+        self.journal: MergeProgress | None = None  # resume=True: the blocks merged so far (merge_progress)
+        self._block = 0
         self.use_copy_range = use_copy_range
         self.batch_bytes = batch_bytes
         self.limit = self.sources[0].size  # the leaf's view is what must survive
@@ -490,15 +494,22 @@ class _Merger:
         w.write(pieces(buf), dest)
 
     def _advance(self, n: int) -> None:
+        if self.journal is not None:  # the block is written (or needed nothing): a checkpoint may count it
+            self.journal.add(self._block, n)
         self.done += n
         if self.progress is not None:
             self.progress(self.done, self.total, state="coalescing")
 
     # ------------------------------------------------------------------------- whole run
 
-    def run(self) -> None:
+    def run(self, journal: MergeProgress | None = None) -> None:
         T = self.target
         blocks = self.target_blocks()
+        self.journal = journal
+        if journal is not None:  # resume: blocks an interrupted run of this same merge made durable are done
+            left = journal.remaining(blocks)
+            self.report.blocks_resumed = len(blocks) - len(left)
+            blocks = left
         existing, new = self.order(blocks)
         self.total = int(np.minimum(self.unit, self.limit - blocks * self.unit).sum()) if len(blocks) else 0
         self.done = 0
@@ -507,13 +518,20 @@ class _Merger:
         w = TargetWriter(T, self.io, self.batch_bytes, int(len(new)))
         try:
             w.reserve()
-            for b in existing:
-                self.merge(int(b), w, False)
-            for b in new:
-                self.merge(int(b), w, True)
+            for b, is_new in [(b, False) for b in existing.tolist()] + [(b, True) for b in new.tolist()]:
+                self._block = b
+                self.merge(b, w, is_new)
+                if journal is not None and journal.due():
+                    w.checkpoint()
+                    journal.save()
             w.finish()
-        except BaseException:
+        except BaseException as exc:
             w.abort()
+            if journal is not None and not isinstance(exc, OSError):
+                # stopped on purpose (a time limit) or by a bug, not by the disk: keep what was merged
+                with contextlib.suppress(Exception):
+                    w.checkpoint()
+                    journal.save()
             raise
 
 
@@ -586,6 +604,7 @@ def coalesce(
     strict: bool = True,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     use_copy_range: bool = True,
+    resume: bool = False,
 ) -> CoalesceReport:
     """Merge ``child`` into its parent (or every layer from ``child`` down to just above ``into`` into ``into``).
 
@@ -595,6 +614,8 @@ def coalesce(
     ``force`` overrides the safety refusals it names: 'other-children' (other disks depend on the target or an
     intermediate layer), 'parent-id' (a parent's unique id is not the one its child records), 'saved-state'.
     ``progress(done, total)`` is called with bytes of the virtual disk processed.
+    ``resume`` keeps a journal of the blocks merged so far (vhdcore.merge_progress), so that a rerun after a
+    crash, a kill or a time limit merges only what was left (``blocks_resumed`` in the report).
     """
     t0 = time.perf_counter()
     force_set = set(force)
@@ -668,7 +689,10 @@ def coalesce(
                                     stages.stage("verify-before", "verifying") if stages else None)
             rep.verify_seconds += time.perf_counter() - tv
 
-        merger.run()
+        journal = MergeProgress(sources, target, unit, limit) if resume else None
+        merger.run(journal)
+        if journal is not None:
+            journal.remove()
         rep.target_size_after = target.file_size
 
         if verify:

@@ -296,6 +296,15 @@ class TargetWriter:
         self._thread = threading.Thread(target=self._run, args=work, name="vhdcore-coalesce-commit", daemon=True)
         self._thread.start()
 
+    def checkpoint(self) -> None:
+        """Make everything written so far durable, data before the metadata that points at it (the state a crash
+        right after the next commit would leave): a resumable merge records its progress only after this."""
+        self._wait()
+        bat_writes, bitmaps = self._take()
+        if bat_writes or bitmaps:
+            self._commit(bat_writes, bitmaps)
+        self.io.fdatasync(self.fd)
+
     def abort(self) -> None:
         """After an error: let an in-flight commit finish (its writes are ordered) without raising, then give
         back the reserved region (ENOSPC must not leave up to a batch of space allocated): the footer moves to

@@ -203,6 +203,8 @@ def export(
     zero_scan: bool | None = None,
     overwrite: bool = False,
     device: bool = False,
+    read_limiter: Any = None,
+    upload_limiter: Any = None,
     **sink_options: Any,
 ) -> ExportReport:
     """Package the chain at ``src`` and deliver it to ``dest`` (a path, ``swift://container/object``, ``s3://``).
@@ -214,6 +216,8 @@ def export(
     ``DEST.xxh3.json`` (uploaded beside a remote object), a path or URL puts it there, False skips it.
     ``block_size`` (vhd), ``unique_id`` and ``timestamp`` (vhd, fixed footers) shape the new disk;
     ``zero_scan`` (vhd; default: when a layer is a fixed VHD) reads the blocks once first to leave out all-zero ones.
+    ``read_limiter`` / ``upload_limiter`` (:class:`vhdcore.jobs.throttle.TokenBucket`) cap the bytes read through
+    the chain and the bytes handed to the destination, per second (``--max-read-rate``, ``--max-upload-rate``).
     Other keyword options go to the sink (``segment_size``, ``concurrency``, credentials, ``fsync``...).
     A local destination and a local manifest obey the destination rule (:mod:`vhdcore.destination`): an existing
     file only with ``overwrite``, a file of the chain never, a block device only with ``device`` (written in place).
@@ -252,6 +256,10 @@ def export(
 
     with open_chain(src, "r", parent_dirs, strict=strict) as disk:
         check_outputs([img.path for img in disk.layers])
+        if read_limiter is not None:  # every read of the export (zero scan, package, manifest) pays the bucket
+            from .jobs.throttle import throttled_readinto
+
+            disk.readinto = throttled_readinto(disk.readinto, read_limiter)  # type: ignore[method-assign]
         want_manifest = manifest is not False
         mf = XXH3Manifest(manifest_block_size) if want_manifest else None
         pkg = open_package(package, disk, mf, block_size=block_size, unique_id=unique_id, timestamp=timestamp,
@@ -273,7 +281,8 @@ def export(
         try:
             result = deliver(pkg.chunks(), dest, compression=kind, level=level, threads=threads,
                              compressor_options=copts, digests=tuple(digests), input_size=pkg.size,
-                             progress=track.on_pipeline, sink_progress=track.on_sink, **sink_options)
+                             upload_limiter=upload_limiter, progress=track.on_pipeline,
+                             sink_progress=track.on_sink, **sink_options)
         finally:
             if side_thread is not None:
                 side_thread.join()

@@ -9,6 +9,7 @@ from ..imaging import image
 from ._common import (LEVEL_HELP, add_open_arguments, add_overwrite_argument,
                       add_remote_arguments, compression_level, human, print_json,
                       remote_options)
+from ._job_options import add_job_arguments, limit_options, wants_job
 from ._progress import add_progress_argument, progress_from_args
 
 NAME = "image"
@@ -35,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_progress_argument(p)
     add_open_arguments(p)
     add_remote_arguments(p)
+    add_job_arguments(p)
 
 
 def _print_stage(name: str, result: Any) -> None:
@@ -84,6 +86,10 @@ def _stage_printer(progress: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    if wants_job(args):
+        from ._job import run_image_job
+
+        return run_image_job(args, _stage_printer)
     with progress_from_args(args, "image") as progress:
         if args.coalesce_in_place and args.no_coalesce:
             raise ValueError("--coalesce-in-place and --no-coalesce contradict each other")

@@ -86,6 +86,7 @@ def deliver(
     progress: ProgressCallback | None = None,
     read_size: int = 4 * MiB,
     sink_progress: ProgressCallback | None = None,
+    upload_limiter: Any = None,
     **sink_options: Any,
 ) -> DeliveryResult:
     """Compress ``source`` into ``dest`` (path, ``swift://``, ``s3://``), hashing what is delivered.
@@ -94,6 +95,7 @@ def deliver(
     ``progress`` receives input bytes consumed (state ``saving`` for files, ``uploading`` for remote
     destinations); ``sink_options`` go to :func:`open_sink` (e.g. ``segment_size``, ``concurrency``), and
     ``sink_progress`` becomes the sink's own ``progress`` (bytes written locally or acknowledged by the store).
+    ``upload_limiter`` (a token bucket) is paid for every byte handed to the sink: ``--max-upload-rate``.
     """
     t0 = time.monotonic()
     report = as_progress(progress)
@@ -115,7 +117,12 @@ def deliver(
     comp = None
     done = 0
     try:
-        outputs = (hasher, sink) if hasher is not None else (sink,)
+        out: Any = sink
+        if upload_limiter is not None:
+            def out(data: Any) -> None:  # the compressor's thread waits here: back-pressure up to the reader
+                upload_limiter.consume(memoryview(data).nbytes)
+                sink.write(data)
+        outputs = (hasher, out) if hasher is not None else (out,)
         comp = open_compressor(compression, broadcast(*outputs), level=level, threads=threads, **copts)
         report(0, input_size, state=state, destination=dest)
         for piece in _pieces(source, read_size):
