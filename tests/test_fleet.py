@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import vhdcore
 
 pytest.importorskip("celery", reason="the fleet needs the 'fleet' extra (celery[redis])")
 
@@ -177,6 +180,9 @@ def test_worker_sigkill_mid_job_then_restart_finishes_it(tmp_path, redis, worker
     workers.append(w)
     app = make_app(redis.url)
     leaf, out = leaves[0], d / "out" / "k.raw"
+    # Dense data: a sparse chain's reads are over before the throttle bites (clear bitmap bits read as zeros).
+    with vhdcore.open(leaf, "r+") as disk:
+        disk.write(0, random.Random(5).randbytes(disk.size))
     before = {p: file_sha256(p) for p in d.rglob("*.vhd")}
     jid = submit(str(leaf), str(out), host="hv-k", app=app, options=RAW, limits={"max_read_rate": 4 * MiB})
     end = time.monotonic() + 30
