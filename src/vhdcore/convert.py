@@ -114,7 +114,9 @@ def _to_flat(disk: Disk, dst: str, fixed: bool, progress: ProgressFn | None) -> 
                 if progress:
                     progress(done, total)
         if fixed:
-            footer = make_footer(size, DiskType.FIXED, data_offset=NO_DATA_OFFSET, like=disk.leaf.footer)
+            # A raw source has no footer to take creator and geometry from.
+            footer = make_footer(size, DiskType.FIXED, data_offset=NO_DATA_OFFSET,
+                                 like=getattr(disk.leaf, "footer", None))
             os.pwrite(fd, footer.pack(), size)
             written += FOOTER_SIZE
     return ConvertReport("", dst, "fixed" if fixed else "raw", size, read, written, 0, skipped, 0, 0.0)
@@ -186,7 +188,7 @@ def write_dynamic(fd: int, disk: Disk, block_size: int, blocks: np.ndarray, keep
     K.bitmap_set_range(last_bitmap, 0, tail // SECTOR_SIZE)
     buf = bytearray(block_size)
     mv = memoryview(buf)
-    end = write_dynamic_layout(fd, size, block_size, like=disk.leaf.footer)
+    end = write_dynamic_layout(fd, size, block_size, like=getattr(disk.leaf, "footer", None))
     pos = end - FOOTER_SIZE
     mte = -(-size // block_size)
     bat = np.full(mte, 0xFFFFFFFF, dtype=np.uint32)
