@@ -139,3 +139,23 @@ def test_foreign_journal_refused(tmp_path: Path) -> None:
     with pytest.raises(VHDError, match="journal"):
         set_parent(child, base)
     assert file_sha256(child) == before
+
+
+def test_journal_writing_outside_the_locator_slots_is_refused(tmp_path: Path) -> None:
+    """A journal naming this very child, with its unique id, whose plan would write over the block table: refused
+    before any byte is written (the plan is bound by the rule coalesce's relinks use)."""
+    import dataclasses
+
+    base, child, _ = _chain(tmp_path, "vhdcore")
+    with vhdcore.open(base) as bd:
+        plan = plan_relink(str(child), bd.leaf)
+    with vhdcore.open(child) as cd:
+        bat = cd.leaf.header.table_offset
+    *_, header = plan.writes
+    hostile = dataclasses.replace(plan, writes=((bat, b"\xff" * 512), header))
+    _write_journal(str(child), hostile, str(base))
+    before = file_sha256(child)
+    with pytest.raises(VHDError, match="locator slot"):
+        set_parent(child, base)
+    assert file_sha256(child) == before
+    assert os.path.exists(journal_path(str(child)))  # left for the user to look at, never replayed

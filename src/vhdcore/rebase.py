@@ -25,8 +25,6 @@ through ``coalesce_writer.WriteIO``, so ``VHDCORE_FAULT_AFTER_WRITES`` / ``VHDCO
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,16 +33,16 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import _kernels as K
+from . import journal
 from .chain import Disk, open_chain
 from .coalesce_writer import TargetWriter, WriteIO
-from .destination import atomic_output, fsync_dir
 from .exceptions import ChainCycleError, ChainError, InvalidFormatError, UnsafeOperationError
 from .extents import Extent
 from .fileio import zero_fill
 from .image import NOT_HERE, Image
 from .relink import RelinkPlan, apply_relink, plan_from_json, plan_relink
 from .setparent import _with_file_name
-from .structs import HEADER_SIZE, SECTOR_SIZE, UNUSED_BAT_ENTRY
+from .structs import SECTOR_SIZE, UNUSED_BAT_ENTRY
 
 __all__ = ["rebase", "RebaseReport", "journal_path"]
 
@@ -75,61 +73,31 @@ class RebaseReport:
 
 
 def journal_path(child: str) -> str:
-    d, base = os.path.split(os.path.abspath(child))
-    return os.path.join(d, "." + base + JOURNAL_SUFFIX)
+    return journal.journal_path(child, JOURNAL_SUFFIX)
 
 
 def _write_journal(child: str, doc: dict) -> None:
-    with atomic_output(journal_path(child), mode=0o600) as (fd, _tmp):
-        data = json.dumps(doc).encode()
-        pos = 0
-        while pos < len(data):
-            pos += os.write(fd, data[pos:])
+    journal.write_journal(journal_path(child), doc)
 
 
 def _remove_journal(child: str) -> None:
-    jp = journal_path(child)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(jp)
-        fsync_dir(os.path.dirname(jp))
+    journal.remove_journal(journal_path(child))
 
 
 def _read_journal(child: str) -> tuple[dict, RelinkPlan] | None:
-    """The journal of an interrupted rebase of ``child``, bound to it (path, unique id, header offset)."""
+    """The journal of an interrupted rebase of ``child``, bound to it (path, unique id, the plan's bytes)."""
     jp = journal_path(child)
-    try:
-        with open(jp, "rb") as f:
-            raw = f.read(MAX_JOURNAL_BYTES + 1)
-    except FileNotFoundError:
+    doc = journal.read_journal(jp, "rebase", MAX_JOURNAL_BYTES)
+    if doc is None:
         return None
     try:
-        if len(raw) > MAX_JOURNAL_BYTES:
-            raise ValueError("too large")
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("kind") != "rebase":
-            raise ValueError("not a rebase journal")
         if doc.get("phase") not in ("copy", "relink") or not isinstance(doc.get("new_parent"), str):
             raise ValueError("bad phase or new parent")
         plan = plan_from_json(doc["plan"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InvalidFormatError(f"unreadable rebase journal ({e}); remove it if no rebase was interrupted",
                                  path=jp, field="journal") from None
-    if plan.path != os.path.realpath(child):
-        raise ChainError(f"the rebase journal is for {plan.path}, not this disk", path=jp, field="journal.path")
-    with Image(child, "r", strict=False) as img:
-        if img.unique_id != plan.unique_id or not img.is_differencing:
-            raise ChainError(f"the rebase journal is for the disk with unique id {plan.unique_id}, this one has "
-                             f"{img.unique_id}", path=jp, field="journal.unique_id", value=str(img.unique_id))
-        *data, (h_at, header) = plan.writes
-        hoff = img.footer.data_offset
-        if h_at != hoff or len(header) != HEADER_SIZE:
-            raise ChainError("the journal's header write is not at the header", path=jp, field="journal.writes")
-        locs = [(loc.data_offset, loc.data_space_bytes) for loc in img.header.parent_locators if loc.is_used]
-        for off, b in data:
-            # Only into the locator space the child's header reserves (plan_relink never writes elsewhere).
-            if not any(lo <= off and off + len(b) <= lo + n for lo, n in locs):
-                raise ChainError(f"the journal's locator write at {off} lies outside the locator space", path=jp,
-                                 field="journal.writes", value=off)
+    journal.bind_header_plan(child, plan, jp)
     return doc, plan
 
 

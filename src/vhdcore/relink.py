@@ -369,14 +369,24 @@ def bind_plans(rec: dict, jpath: str, parent_ids: Sequence[uuid.UUID], target: I
 
 
 def _check_plan(plan: RelinkPlan, path: str, target: Image, jpath: str, i: int) -> None:
+    check_plan_bytes(plan, path, target.unique_id, jpath, f"relinks[{i}]")
+
+
+def check_plan_bytes(plan: RelinkPlan, path: str, parent_id: uuid.UUID | None, jpath: str, field: str) -> None:
+    """Refuse a journal's header-rewrite plan for the differencing disk at ``path`` unless it is that disk's (its
+    unique id) and its bytes are one valid header at the disk's header offset, keeping the disk's block table and
+    block size, naming ``parent_id`` (when given), plus locator data only in slots that header declares, clear of
+    header, BAT, blocks and footer. Every journal that rewrites a header (coalesce's relinks, set-parent, rebase)
+    goes through here before a byte of it is written."""
     def refuse(why: str) -> JournalError:
-        return JournalError(f"the journal's relink of {path} {why}", path=jpath, field=f"relinks[{i}]",
-                            value=plan.path)
+        return JournalError(f"the journal's relink of {path} {why}", path=jpath, field=field, value=plan.path)
 
     with Image(path, "r", strict=False) as img:
         if img.unique_id != plan.unique_id or not img.is_differencing or img.header is None:
             raise refuse("is for another disk (unique id or type differs)")
         hoff = img.footer.data_offset
+        if not plan.writes:
+            raise refuse("writes nothing")
         *data_writes, (woff, raw) = plan.writes
         if woff != hoff or len(raw) != HEADER_SIZE:
             raise refuse("does not end with one header write at the disk's header offset")
@@ -385,8 +395,8 @@ def _check_plan(plan: RelinkPlan, path: str, target: Image, jpath: str, i: int) 
         except VHDError:
             raise refuse("writes a header that is not a valid dynamic header") from None
         cur = img.header
-        if new.parent_unique_id != target.unique_id:
-            raise refuse("writes a header that does not name the coalesce target")
+        if parent_id is not None and new.parent_unique_id != parent_id:
+            raise refuse("writes a header that does not name the parent it was planned for")
         if (new.table_offset, new.max_table_entries, new.block_size, new.data_offset) != (
                 cur.table_offset, cur.max_table_entries, cur.block_size, cur.data_offset):
             raise refuse("would change the disk's block table or block size")
@@ -406,4 +416,5 @@ def _check_plan(plan: RelinkPlan, path: str, target: Image, jpath: str, i: int) 
 __all__ = ["Dependent", "dependents", "relink", "plan_relink", "apply_relink", "plan_from_json", "journal_plans",
            "RelinkPlan",
            "vhd_files", "journal_path", "write_journal", "read_journal", "fsync_dir", "bind_plans", "JournalError",
+           "check_plan_bytes",
            "MAX_JOURNAL_BYTES"]

@@ -28,7 +28,6 @@ so the same fault injection (``VHDCORE_FAULT_AFTER_WRITES``, ``VHDCORE_FAULT_ACT
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -40,18 +39,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import _kernels as K
+from . import journal
 from .chain import Disk, open_chain
 from .coalesce_writer import WriteIO
 from .create import MAX_CREATE_SIZE, make_footer
-from .destination import atomic_output, fsync_dir
 from .exceptions import ChainError, InvalidFormatError, LockError, UnsafeOperationError, UnsupportedFeatureError, \
     VHDError
 from .image import BLOCK_DATA_ALIGNMENT, Image
 from .structs import (
     BATMAP_COOKIE,
     FOOTER_SIZE,
-    HEADER_SIZE,
-    NO_DATA_OFFSET,
     SECTOR_SIZE,
     UNUSED_BAT_ENTRY,
     DiskType,
@@ -88,8 +85,7 @@ class ResizeReport:
 
 
 def journal_path(path: str) -> str:
-    d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, "." + base + JOURNAL_SUFFIX)
+    return journal.journal_path(path, JOURNAL_SUFFIX)
 
 
 def _round(n: int, a: int = SECTOR_SIZE) -> int:
@@ -345,19 +341,11 @@ class _Runner:
 
 
 def _write_journal(path: str, doc: dict) -> None:
-    jp = journal_path(path)
-    with atomic_output(jp, mode=0o600) as (fd, _tmp):
-        data = json.dumps(doc).encode()
-        pos = 0
-        while pos < len(data):
-            pos += os.write(fd, data[pos:])
+    journal.write_journal(journal_path(path), doc)
 
 
 def _remove_journal(path: str) -> None:
-    jp = journal_path(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(jp)
-        fsync_dir(os.path.dirname(jp))
+    journal.remove_journal(journal_path(path))
 
 
 def _probe_unique_ids(fd: int, offsets: Sequence[int]) -> set:

@@ -14,18 +14,16 @@ says), and writes the same bytes again. The footer is never written.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 from .chain import open_chain
-from .destination import atomic_output, fsync_dir
+from . import journal
 from .exceptions import ChainCycleError, ChainError, InvalidFormatError, ParentMismatchError
 from .image import Image
 from .relink import RelinkPlan, apply_relink, plan_from_json, plan_relink
-from .structs import FOOTER_SIZE, HEADER_SIZE, MAX_LOCATOR_BYTES, DynamicHeader
+from .structs import DynamicHeader
 
 __all__ = ["set_parent", "SetParentReport", "journal_path"]
 
@@ -51,60 +49,32 @@ class SetParentReport:
 
 
 def journal_path(child: str) -> str:
-    d, base = os.path.split(os.path.abspath(child))
-    return os.path.join(d, "." + base + JOURNAL_SUFFIX)
+    return journal.journal_path(child, JOURNAL_SUFFIX)
 
 
 def _write_journal(child: str, plan: RelinkPlan, parent: str) -> str:
     path = journal_path(child)
-    doc = json.dumps({"kind": "set-parent", "parent": os.path.realpath(parent), "plan": plan.to_json()}).encode()
-    with atomic_output(path, mode=0o600) as (fd, _tmp):
-        os.write(fd, doc)
+    journal.write_journal(path, {"kind": "set-parent", "parent": os.path.realpath(parent), "plan": plan.to_json()})
     return path
 
 
 def _remove_journal(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-        fsync_dir(os.path.dirname(path))
+    journal.remove_journal(path)
 
 
 def _journal_plan(child: str) -> RelinkPlan | None:
     """The plan of an interrupted run on ``child``, bound to it; None when there is none. A journal that is not
     this child's is an error (refused, left in place), never a reason to write anything."""
     path = journal_path(child)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JOURNAL_BYTES + 1)
-    except FileNotFoundError:
+    doc = journal.read_journal(path, "set-parent", MAX_JOURNAL_BYTES)
+    if doc is None:
         return None
     try:
-        if len(raw) > MAX_JOURNAL_BYTES:
-            raise ValueError("too large")
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("kind") != "set-parent":
-            raise ValueError("not a set-parent journal")
         plan = plan_from_json(doc["plan"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise InvalidFormatError(f"unreadable set-parent journal ({e}); remove it if no set-parent was "
-                                 "interrupted", path=path, field="journal") from None
-    if plan.path != os.path.realpath(child):
-        raise ChainError(f"the journal is for {plan.path}, not this disk", path=path, field="journal.path")
-    with Image(child, "r", strict=False) as img:
-        if img.unique_id != plan.unique_id or not img.is_differencing:
-            raise ChainError(f"the journal is for the disk with unique id {plan.unique_id}, this one has "
-                             f"{img.unique_id}", path=path, field="journal.unique_id", value=str(img.unique_id))
-        hoff = img.footer.data_offset
-        *data, (h_at, header) = plan.writes
-        if h_at != hoff or len(header) != HEADER_SIZE:
-            raise ChainError("the journal's header write is not at the header", path=path, field="journal.writes")
-        for off, b in data:
-            if off < FOOTER_SIZE + HEADER_SIZE or len(b) > MAX_LOCATOR_BYTES or off + len(b) > img.file_size:
-                raise ChainError(f"the journal's locator write at {off} lies outside the locator space", path=path,
-                                 field="journal.writes", value=off)
-            if hoff <= off < hoff + HEADER_SIZE or off <= hoff < off + len(b):
-                raise ChainError("the journal's locator write overlaps the header", path=path,
-                                 field="journal.writes", value=off)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InvalidFormatError("unreadable set-parent journal (its plan); remove it if no set-parent was "
+                                 "interrupted", path=path, field="journal.plan") from None
+    journal.bind_header_plan(child, plan, path)
     return plan
 
 
