@@ -84,7 +84,7 @@ def check_destination(path: str | os.PathLike[str], *, sources: Iterable[str | o
         kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
                 else "a character device" if stat.S_ISCHR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
                 else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-        hint = " (name a block device explicitly with --device to write it in place)" if stat.S_ISBLK(
+        hint = " (export writes a block device in place when given --device)" if stat.S_ISBLK(
             st.st_mode) else ""
         raise DestinationError(f"the destination is {kind}; only regular files are written{hint}", path=raw)
     if not overwrite:
