@@ -143,3 +143,52 @@ def test_s3_multipart_dropped_is_resumed_with_the_same_upload_id(
         assert _qemu_content(body, tmp_path) == model
     finally:
         proxy.close()
+
+
+def test_swift_upload_sigkilled_mid_way_resumes(swift_server: SwiftServer, chain: tuple[Path, bytes],
+                                                tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    leaf, model = chain
+    proxy = FaultProxy(swift_server.proxy_port)
+    job, dest = tmp_path / "job", "swift://resume/vm-4.vhd"
+    opts = dict(auth_url=proxy.auth_url, user=swift_server.user, key=swift_server.key, compression="none",
+                segment_size=512 * KiB, concurrency=1, analyse=False)
+    code = ("import sys, json; from vhdcore.jobs import run_job; "
+            "run_job(sys.argv[1], sys.argv[2], sys.argv[3], max_upload_rate=1024 * 1024, **json.loads(sys.argv[4]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(leaf), dest, str(job), json.dumps(opts)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                if len(_state(job)["segments"]) >= 3:
+                    break
+            except (FileNotFoundError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the upload never got going: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        recorded = len(_state(job)["segments"])
+        first = len(proxy.puts)
+        rec = run_job(leaf, dest, job, **opts)
+        out = rec.stage("export")["result"]
+        total = -(-out["size"] // (512 * KiB))
+        resent = [p for p in proxy.puts[first:] if "_segments/" in p]
+        assert rec.state == "complete" and out["segments_reused"] == recorded >= 3
+        assert len(resent) == total - recorded, (len(resent), total, recorded)
+        _, body = swift_server.connection().get_object("resume", "vm-4.vhd")
+        assert hashlib.sha256(body).hexdigest() == out["digests"]["sha256"]
+        assert _qemu_content(body, tmp_path) == model
+        print(f"killed after {recorded} of {total} segments; rerun sent {len(resent)}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proxy.close()
