@@ -174,7 +174,9 @@ def test_two_hosts_40_jobs_cap_and_digests(tmp_path, redis, workers):
 
 
 def test_worker_sigkill_mid_job_then_restart_finishes_it(tmp_path, redis, workers):
-    d, leaves = _host(tmp_path, "hv-k", 1, size=16 * MiB)
+    # 32 MiB at 4 MiB/s: 8 s. The export reports its reads in 8 MiB steps, so with 16 MiB the record showed
+    # done >= 4 MiB only just before the end, and the kill raced the completion (or never came).
+    d, leaves = _host(tmp_path, "hv-k", 1, size=32 * MiB)
     state = tmp_path / "state-hv-k"
     w = Worker(redis.url, "hv-k", state, d, 1, visibility_timeout=4).start()
     workers.append(w)
