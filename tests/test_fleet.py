@@ -174,7 +174,9 @@ def test_two_hosts_40_jobs_cap_and_digests(tmp_path, redis, workers):
 
 
 def test_worker_sigkill_mid_job_then_restart_finishes_it(tmp_path, redis, workers):
-    d, leaves = _host(tmp_path, "hv-k", 1, size=16 * MiB)
+    # 32 MiB at 4 MiB/s: 8 s. The export reports its reads in 8 MiB steps, so with 16 MiB the record showed
+    # done >= 4 MiB only just before the end, and the kill raced the completion (or never came).
+    d, leaves = _host(tmp_path, "hv-k", 1, size=32 * MiB)
     state = tmp_path / "state-hv-k"
     w = Worker(redis.url, "hv-k", state, d, 1, visibility_timeout=4).start()
     workers.append(w)
@@ -285,3 +287,45 @@ def test_same_job_delivered_twice_images_once_and_timeouts_retry_with_backoff(tm
     gaps = [b - a for a, b in zip(ends, starts[1:])]
     assert 0.2 - 0.05 <= gaps[0] <= 0.4 + 0.5 and 0.4 - 0.05 <= gaps[1] <= 0.8 + 0.5, gaps  # 0.4*2^n*[0.5,1)
     assert not (d / "out" / "slow.raw").exists()
+
+
+def test_worker_sigkill_mid_coalesce_then_restart_does_not_redo_merged_blocks(tmp_path, redis, workers):
+    d, leaves = _host(tmp_path, "hv-c", 1, size=16 * MiB)
+    state = tmp_path / "state-hv-c"
+    w = Worker(redis.url, "hv-c", state, d, 1, visibility_timeout=4).start()
+    workers.append(w)
+    app = make_app(redis.url)
+    leaf, out = leaves[0], d / "out" / "c.raw"
+    base = leaf.with_name("base.vhd")
+    with vhdcore.open(leaf, "r+") as disk:  # every block of the child to merge: 32 blocks of 512 KiB
+        disk.write(0, random.Random(6).randbytes(disk.size))
+    content = disk_sha256(leaf)
+    jid = submit(str(leaf), str(out), host="hv-c", app=app, options={**RAW, "coalesce_in_place": True},
+                 limits={"max_read_rate": 6 * MiB})
+    journal = leaf.with_name(f".{leaf.name}.coalesce-progress")
+    end = time.monotonic() + 40
+    while time.monotonic() < end:
+        try:
+            rec = _record(state, jid)
+            if rec["state"] == "coalescing" and journal.exists() and (rec["progress"] or {}).get("done", 0) >= 6 * MiB:
+                break
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the coalesce never got going")
+    w.kill()  # mid-merge: the base is half-written, the child still holds every sector
+    assert leaf.exists() and disk_sha256(leaf) == content
+    workers.append(Worker(redis.url, "hv-c", state, d, 1, visibility_timeout=4).start())
+    s = _wait(app, [jid], timeout=60)[jid]
+    assert s["state"] == "complete", s
+    rec = _record(state, jid)
+    co = rec["stages"]["coalesce"]
+    result = co["result"]
+    # measured from the record: the rerun took up the merged blocks and merged only the rest, none twice
+    assert rec["attempt"] == 2 and co["runs"] == 2 and rec["stages"]["export"]["state"] == "skipped"
+    assert result["blocks_resumed"] > 0 and result["blocks_resumed"] + result["blocks_copied"] == 32, result
+    assert not leaf.exists() and not journal.exists()
+    assert disk_sha256(base) == content  # the chain's content, now all in the base
+    assert file_sha256(out) == rec["output"]["digests"]["sha256"] == content
+    print(f"resumed {result['blocks_resumed']} blocks, merged {result['blocks_copied']} after the kill")

@@ -173,7 +173,7 @@ def _write_manifest(manifest: XXH3Manifest, dest: str, where: str | bool | os.Pa
         where = dest + MANIFEST_SUFFIX
     where = os.fspath(where)
     if "://" in where and not where.startswith("file://"):
-        opts = {k: v for k, v in sink_options.items() if k not in ("progress", "overwrite", "device")}
+        opts = {k: v for k, v in sink_options.items() if k not in ("progress", "overwrite", "device", "resume_state")}
         with open_sink(where, **opts) as sink:
             sink.write(manifest.to_json().encode("ascii"))
         return where

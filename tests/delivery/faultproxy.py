@@ -5,6 +5,7 @@ so it can act on one specific request:
 
 * ``drop_puts``: the next N PUTs whose path contains ``match`` are cut off half-way through their body
   (both sides closed, the client with a TCP reset), as a dying link or a restarted load balancer would;
+* ``pass_puts``: that many such PUTs go through before ``drop_puts`` starts cutting (fail after N segments);
 * ``bad_etag_puts``: the next N such PUTs go through untouched, but the ETag of the response is replaced,
   as a buggy or malicious middlebox might.
 
@@ -25,6 +26,8 @@ class FaultProxy:
         self.upstream = ("127.0.0.1", upstream_port)
         self.match = match
         self.drop_puts = 0
+        self.pass_puts = 0
+        self.puts: list[str] = []  # every targeted PUT's path, in arrival order
         self.bad_etag_puts = 0
         self.events: list[tuple[str, str]] = []
         self.requests = 0
@@ -157,8 +160,15 @@ class FaultProxy:
             self.requests += 1
         method, path = req[0].split(b" ")[:2]
         targeted = method == b"PUT" and self.match.encode() in path
+        if (self._header(req, b"expect") or b"").lower() == b"100-continue":
+            # boto3 waits for a 100 before sending a part's body: answer it here, forward without the Expect
+            req = [line for line in req if not line.lower().startswith(b"expect:")]
+            client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         upstream.sendall(b"".join(req) + b"\r\n")
-        if targeted and self._take("drop_puts"):
+        if targeted:
+            with self._lock:
+                self.puts.append(path.decode())
+        if targeted and not self._take("pass_puts") and self._take("drop_puts"):
             cl = int(self._header(req, b"content-length") or b"0")
             self._relay_body(cin, upstream, req, limit=cl // 2)
             self.events.append(("drop", path.decode()))

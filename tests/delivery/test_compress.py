@@ -207,6 +207,16 @@ def test_zstd_threads_make_the_same_stream_content(disk_bytes: bytes) -> None:
         assert run("zstd", "-dc", input=buf.getvalue()) == disk_bytes
 
 
+def test_zstd_output_is_the_same_bytes_for_the_same_level_and_threads(disk_bytes: bytes) -> None:
+    # A resumed upload regenerates the stream and reuses stored segments whose md5 still matches (upload.resume).
+    outs = set()
+    for pieces in (ODD_PIECES, (1 * MiB,), (4 * MiB + 1, 17)):
+        buf = io.BytesIO()
+        feed(ZstdCompressor(buf, threads=2, level=3, size_hint=len(disk_bytes)), disk_bytes, pieces)
+        outs.add(buf.getvalue())
+    assert len(outs) == 1
+
+
 def test_none_passes_bytes_through(disk_bytes: bytes) -> None:
     got: list[bytes] = []
     comp = NullCompressor(got.append)

@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override one safety refusal (repeatable): other-children (other disks depend on the "
                         "target), parent-id (the parent's unique id differs from the one CHILD records), "
                         "saved-state (a disk is in saved state)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep a journal of the blocks merged so far (.CHILD.coalesce-progress), and continue an "
+                        "interrupted --resume run of this same merge from it: only the blocks it had not made "
+                        "durable are merged (a journal whose disks changed since is ignored)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_progress_argument(p)
     add_open_arguments(p)
@@ -37,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     with progress_from_args(args, "coalesce") as progress:
         rep = coalesce(args.child, into=args.into, verify=args.verify, progress=progress,
                        remove_child=args.remove_child, search_dirs=args.search_dir or None,
-                       parent_dirs=args.parent_dir, force=args.force, strict=not args.ignore_checksums)
+                       parent_dirs=args.parent_dir, force=args.force, strict=not args.ignore_checksums,
+                       resume=args.resume)
     if args.json:
         print_json(rep.to_dict())
         return 0
@@ -45,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{rep.child} -> {rep.target} ({rep.target_type}): copied {human(rep.bytes_copied)} in {rep.blocks_copied} "
           f"blocks ({rep.full_blocks} full, {rep.partial_blocks} merged), {rep.blocks_allocated} newly allocated, "
           f"{rep.zero_blocks_skipped} all-zero blocks skipped")
+    if rep.blocks_resumed:
+        print(f"resumed: {rep.blocks_resumed} blocks an interrupted run had merged were not merged again")
     print(f"target grew by {human(rep.target_growth)}; {human(rep.shadowed_bytes)} of its old data was shadowed "
           f"(the duplicate data this removed); {merge_s:.2f} s, {rep.throughput / 1e6:.0f} MB/s")
     if rep.verified:

@@ -170,12 +170,60 @@ def _summary(name: str, result: Any) -> dict[str, Any]:
         return {"destination": d.get("destination"), "size": d.get("size"), "package_size": d.get("package_size"),
                 "bytes_read": d.get("bytes_read"), "digests": d.get("digests"), "etag": up.get("etag"),
                 "manifest_path": d.get("manifest_path"), "package": d.get("package"),
-                "compression": d.get("compression")}
+                "compression": d.get("compression"),
+                "segments_reused": (up.get("extra") or {}).get("segments_reused")}
     if name == "check":
         return {"clean": bool(getattr(result, "clean", False)), "findings": len(getattr(result, "findings", []))}
     keep = ("bytes_copied", "blocks_copied", "blocks_resumed", "merged_layers", "target", "used_bytes", "file_size", "reclaimable_bytes",
             "bytes_before", "bytes_after", "mode")
     return {k: d[k] for k in keep if k in d}
+
+
+VHD_EPOCH = 946684800  # 2000-01-01T00:00:00Z, where VHD timestamps count from
+
+
+def _chain_identity(leaf: str, parent_dirs: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Each layer's path, size and mtime: the upload state is bound to the very files the stream comes from."""
+    from ..chain import open_chain
+
+    with open_chain(leaf, "r", parent_dirs) as disk:
+        paths = [img.path for img in disk.layers]
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append({"path": os.path.abspath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _resumable_upload(rec: JobRecord, leaf: str, dest: str, parent_dirs: Sequence[str] | None,
+                      recorded: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The export options that make a remote upload resumable across attempts of this job.
+
+    The package's unique id and timestamp are drawn once and kept in the record, so every attempt regenerates
+    the same byte stream; the upload state (``upload-state.json`` beside the record) lists the segments or
+    parts already stored, bound to this job, destination, chain (paths, sizes, mtimes) and options.
+    """
+    import uuid
+
+    from ..upload.resume import STATE_NAME, UploadState
+
+    pinned = rec.data.get("package_identity")
+    if not (isinstance(pinned, dict) and isinstance(pinned.get("unique_id"), str)
+            and type(pinned.get("timestamp")) is int and 0 <= pinned["timestamp"] < 2 ** 32):
+        pinned = {"unique_id": str(uuid.uuid4()), "timestamp": int(time.time()) - VHD_EPOCH}
+        rec.data["package_identity"] = pinned
+        rec.save()
+    try:
+        uid = uuid.UUID(pinned["unique_id"])
+    except ValueError:
+        uid = uuid.uuid4()
+    out = dict(options)
+    out.setdefault("unique_id", uid)
+    out.setdefault("timestamp", pinned["timestamp"])
+    binding = {"job": rec.id, "destination": dest, "options": recorded,
+               "chain": _chain_identity(leaf, parent_dirs), "package_identity": pinned}
+    out["resume_state"] = UploadState(os.path.join(rec.directory, STATE_NAME), binding)
+    return out
 
 
 def run_job(
@@ -240,6 +288,8 @@ def run_job(
                 with track.lock:
                     rec.stage_done(name, _summary(name, result))
 
+            if remote:
+                options = _resumable_upload(rec, leaf, dest, parent_dirs, recorded, options)
             rep = image(leaf, dest, coalesce_in_place=False, overwrite=overwrite, parent_dirs=parent_dirs,
                         progress=track, on_stage=on_stage, read_limiter=limits.get("read"),
                         upload_limiter=limits.get("upload"), **options)

@@ -4,7 +4,9 @@
 per part and 10 000 parts), each ``UploadPart`` sent with its ``Content-MD5`` (the store rejects a damaged
 body) and the returned ETag compared with our md5; failed parts are retried, then
 ``CompleteMultipartUpload`` and a HEAD that checks size and the multipart ETag (``md5(md5s)-N``). Any
-failure, or ``abort()``, calls ``AbortMultipartUpload`` so no parts are left billed. A stream shorter than
+failure, or ``abort()``, calls ``AbortMultipartUpload`` so no parts are left billed, unless the upload is
+resumable (``resume_state``): then the upload stays open, and the next attempt continues the recorded upload id
+(``ListParts``) and skips the parts whose etag and size match the regenerated part's md5. A stream shorter than
 one part goes up with one ``PutObject``.
 
 Endpoint and credentials: ``endpoint_url`` (or ``S3_ENDPOINT_URL``/``AWS_ENDPOINT_URL``), ``region``
@@ -190,7 +192,43 @@ class S3Sink(SegmentedSink):
             )
             return resp["UploadId"]
 
-        self.upload_id = self._with_retries("CreateMultipartUpload", None, create)
+        state = self.resume_state
+        self._stored_parts: dict[int, tuple[str, int]] = {}
+        if state is not None and state.token is not None:
+            parts = self._with_retries("ListParts", None, lambda: self._list_parts(state.token))
+            if parts is not None:  # the recorded multipart upload is still open: continue it
+                self.upload_id, self._stored_parts = state.token, parts
+        if self.upload_id is None:
+            self.upload_id = self._with_retries("CreateMultipartUpload", None, create)
+        if state is not None:
+            state.begin(self.upload_id)
+
+    def _list_parts(self, upload_id: str) -> dict[int, tuple[str, int]] | None:
+        """The parts stored under ``upload_id`` (number -> (etag, size)), or None if no such upload is open."""
+        from botocore.exceptions import ClientError
+
+        parts: dict[int, tuple[str, int]] = {}
+        marker = 0
+        while True:
+            try:
+                resp = self.client.list_parts(Bucket=self.bucket, Key=self.key, UploadId=upload_id,
+                                              PartNumberMarker=marker)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchUpload", "404"):
+                    return None
+                raise
+            for p in resp.get("Parts", []):
+                n, size = p.get("PartNumber"), p.get("Size")
+                if type(n) is int and 1 <= n <= self.max_segments and type(size) is int:
+                    parts[n] = (str(p.get("ETag", "")).strip('"'), size)
+            nxt = resp.get("NextPartNumberMarker")
+            if not resp.get("IsTruncated") or type(nxt) is not int or nxt <= marker or len(parts) > self.max_segments:
+                return parts
+            marker = nxt
+
+    def _stored_etag(self, seg: Segment) -> str | None:
+        stored = self._stored_parts.get(seg.index + 1)
+        return stored[0] if stored is not None and stored[1] == seg.size else None
 
     def _segment_name(self, seg: Segment) -> str:
         return f"part {seg.index + 1}"
@@ -253,7 +291,7 @@ class S3Sink(SegmentedSink):
                 self.client.delete_object(Bucket=self.bucket, Key=self.key)
             except Exception as exc:
                 errors.append(f"DeleteObject: {exc}")
-        elif self.upload_id is not None:
+        elif self.upload_id is not None and self.resume_state is None:  # resumable: the parts are kept
             for attempt in range(3):
                 try:
                     self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)

@@ -11,7 +11,12 @@ Each segment's md5 is computed locally (in its upload thread, off the writer's p
 the store can check what it received, and compared with the etag the store returns; a mismatch, a
 connection error or a 5xx/408/429 is retried with exponential backoff up to ``attempts`` times, then the
 upload fails with :class:`~vhdcore.upload.UploadError`. On any failure, and on ``abort()``, every segment
-that may have reached the store is deleted.
+that may have reached the store is deleted, unless the upload is resumable.
+
+Resumable (``resume_state``, an :class:`~vhdcore.upload.resume.UploadState`): each stored segment is recorded
+as it is stored; a segment the state records with the md5 of the bytes just regenerated, and which the store
+still holds with that etag and size (:meth:`SegmentedSink._stored_etag`), is not sent again; a failure keeps
+the stored segments for the next attempt; the commit removes the state.
 """
 from __future__ import annotations
 
@@ -244,6 +249,7 @@ class SegmentedSink(Sink):
         max_segments: int | None = None,
         expected_size: int | None = None,
         progress: ProgressCallback | None = None,
+        resume_state: Any = None,
     ) -> None:
         if not self.MIN_SEGMENT <= segment_size <= self.MAX_SEGMENT:
             raise ValueError(
@@ -289,6 +295,8 @@ class SegmentedSink(Sink):
         self.result: UploadResult | None = None
         self.retries: list[tuple[int, int, str]] = []
         self.segments: list[Segment] = []
+        self.resume_state = resume_state
+        self.segments_reused = 0  # segments an earlier attempt stored, verified and not sent again
         self._spool: Spool | None = None
         self._spool_len = 0
         self._begun = False
@@ -326,6 +334,10 @@ class SegmentedSink(Sink):
     def _cleanup(self, segments: list[Segment]) -> None:  # pragma: no cover - abstract
         """Remove the given (possibly) uploaded segments and anything else this upload left behind."""
         raise NotImplementedError
+
+    def _stored_etag(self, seg: Segment) -> str | None:
+        """Resuming: the etag of the stored segment ``seg.name`` if the store holds it at ``seg.size`` bytes."""
+        return None
 
     def _is_retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, (EtagMismatch, ConnectionError, TimeoutError, OSError))
@@ -475,13 +487,26 @@ class SegmentedSink(Sink):
         if self._aborting.is_set():
             raise _Aborted()
         seg.compute_md5()
-
-        def attempt() -> str:
-            seg.attempted = True
-            return self._send(seg, lambda body: self._put_segment(seg, body))
-
+        state = self.resume_state
         try:
+            if state is not None and seg.md5 is not None and state.recorded(seg.index, seg.name, seg.size, seg.md5):
+                # Stored by an earlier attempt: reuse it when the store still holds these very bytes.
+                stored = self._with_retries(f"checking stored segment {seg.index} ({seg.name})", seg,
+                                            lambda: self._stored_etag(seg))
+                if stored is not None and stored.strip('"').lower() == seg.md5:
+                    seg.etag = seg.md5
+                    with self._lock:
+                        self.segments_reused += 1
+                    self._on_sent(seg.size)
+                    return
+
+            def attempt() -> str:
+                seg.attempted = True
+                return self._send(seg, lambda body: self._put_segment(seg, body))
+
             seg.etag = self._with_retries(f"PUT of segment {seg.index} ({seg.name})", seg, attempt)
+            if state is not None and seg.md5 is not None:
+                state.stored(seg.index, seg.name, seg.size, seg.md5)
         finally:
             seg.release()
 
@@ -519,6 +544,9 @@ class SegmentedSink(Sink):
             raise
         self._pool.shutdown(wait=True)
         self.closed = True
+        if self.resume_state is not None:
+            self.resume_state.remove()
+            extra = {**extra, "segments_reused": self.segments_reused}
         self.result = UploadResult(
             destination=self.destination,
             size=self.bytes_written,
@@ -560,7 +588,9 @@ class SegmentedSink(Sink):
             self._spool = None
         for seg in self.segments:
             seg.release()
+        # A resumable upload keeps its stored segments (the state records them) for the next attempt.
+        keep = self.resume_state is not None
         try:
-            self._cleanup([s for s in self.segments if s.attempted])
+            self._cleanup([] if keep else [s for s in self.segments if s.attempted])
         except Exception as exc:  # cleanup is best effort; the original error matters more
             log.warning("%s: cleanup after abort failed: %s", self.destination, exc)

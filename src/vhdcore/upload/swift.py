@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any
@@ -37,6 +38,7 @@ GiB = 1024 * MiB
 # HTTP statuses worth another attempt: timeouts, throttling, 422 (Swift's "the body did not match ETag",
 # i.e. damaged in transit), 498/499 (rate limit / client disconnect as Swift reports them) and 5xx.
 _RETRY_STATUS = {408, 422, 429, 498, 499}
+_PREFIX_TOKEN = re.compile(r"[0-9]{1,12}\.[0-9]{6}")  # the timestamp under which an upload's segments live
 
 
 # OS_* variables of the `swift` CLI (python-swiftclient's shell) that become its ``os_options`` for Keystone.
@@ -171,7 +173,13 @@ class SwiftSink(SegmentedSink):
                              "OS_AUTH_URL/OS_USERNAME/OS_PASSWORD, or OS_STORAGE_URL with OS_AUTH_TOKEN")
         # Each upload gets its own timestamped prefix, so a retried export never mixes segments with a
         # previous attempt's and abort() deletes only its own.
-        self.prefix = f"{obj}/{time.time():.6f}"
+        # A resumable upload (``resume_state``) continues under the prefix its state recorded.
+        state = self.resume_state
+        token = state.token if state is not None else None
+        if token is None or not _PREFIX_TOKEN.fullmatch(token):
+            token = f"{time.time():.6f}"
+        self._token = token
+        self.prefix = f"{obj}/{token}"
         self._local = threading.local()
         self._auth_lock = threading.Lock()
         self._conns: list[Any] = []  # every Connection made, so close/abort can close them all
@@ -303,8 +311,24 @@ class SwiftSink(SegmentedSink):
             for c in (self.container, self.segment_container):
                 self._with_retries(f"PUT of container {c}", None, lambda c=c: self._call("put_container", c))
 
+        if self.resume_state is not None:
+            self.resume_state.begin(self._token)
+
     def _segment_name(self, seg: Segment) -> str:
         return f"{self.prefix}/{seg.index:08d}"
+
+    def _stored_etag(self, seg: Segment) -> str | None:
+        from swiftclient.exceptions import ClientException
+
+        try:
+            hdrs = self._call("head_object", self.segment_container, seg.name)
+        except ClientException as exc:
+            if exc.http_status == 404:
+                return None
+            raise
+        if int(hdrs.get("content-length", -1)) != seg.size:
+            return None
+        return str(hdrs.get("etag", ""))
 
     def _put_segment(self, seg: Segment, body: CountingReader) -> str:
         return self._call(
