@@ -135,3 +135,19 @@ class LockError(VHDError):
 
 class VerificationError(VHDError):
     """Content after an operation differs from the content before it."""
+
+
+def error_object(exc: BaseException) -> dict[str, Any]:
+    """An error as every JSON document reports it (docs/json.md): ``code``, ``message``, ``path``, ``offset``,
+    ``field``. ``code`` is the vhdcore exception's class name (``ParentNotFoundError``, ``UploadError``...), an OS
+    error's errno name (``ENOENT``, ``ENOSPC``...), or ``InvalidArgument`` for a value that was refused."""
+    import errno
+
+    if isinstance(exc, VHDError):
+        return {"code": type(exc).__name__, "message": exc.message, "path": exc.path, "offset": exc.offset,
+                "field": exc.field}
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return {"code": errno.errorcode.get(exc.errno, type(exc).__name__), "message": exc.strerror or str(exc),
+                "path": exc.filename, "offset": None, "field": None}
+    code = "InvalidArgument" if isinstance(exc, ValueError) else type(exc).__name__
+    return {"code": code, "message": str(exc), "path": None, "offset": None, "field": None}

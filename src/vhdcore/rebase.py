@@ -36,12 +36,12 @@ from . import _kernels as K
 from . import journal
 from .chain import Disk, open_chain
 from .coalesce_writer import TargetWriter, WriteIO
-from .exceptions import ChainCycleError, ChainError, InvalidFormatError, UnsafeOperationError
+from .exceptions import ChainError, InvalidFormatError, UnsafeOperationError
 from .extents import Extent
 from .fileio import zero_fill
 from .image import NOT_HERE, Image
 from .relink import RelinkPlan, apply_relink, plan_from_json, plan_relink
-from .setparent import _with_file_name
+from .setparent import _with_file_name, refuse_cycle
 from .structs import SECTOR_SIZE, UNUSED_BAT_ENTRY
 
 __all__ = ["rebase", "RebaseReport", "journal_path"]
@@ -351,11 +351,7 @@ def rebase(child: str | os.PathLike[str], new_parent: str | os.PathLike[str], *,
             st = os.fstat(leaf.fd)
             child_key = (st.st_dev, st.st_ino)
             with open_chain(parent_s, "r", dirs, strict=strict) as ndisk:
-                for img in ndisk.layers:
-                    s = os.fstat(img.fd)
-                    if (s.st_dev, s.st_ino) == child_key:
-                        raise ChainCycleError("the new parent's chain contains the child itself", path=child_s,
-                                              field="parent", value=img.path)
+                refuse_cycle(ndisk, child_key, child_s)
                 if ndisk.size != leaf.size:
                     raise UnsafeOperationError(
                         f"the new parent's virtual size {ndisk.size} differs from the child's {leaf.size}; rebase "

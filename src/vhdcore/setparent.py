@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
-from .chain import open_chain
+from .chain import Disk, open_chain
 from . import journal
 from .exceptions import ChainCycleError, ChainError, InvalidFormatError, ParentMismatchError
 from .image import Image
@@ -91,6 +91,15 @@ def _with_file_name(plan: RelinkPlan, parent_path: str) -> RelinkPlan:
     return replace(plan, writes=tuple(data) + ((hoff, new.pack()),))
 
 
+def refuse_cycle(parent_disk: Disk, child_key: tuple[int, int], child: str) -> None:
+    """A new parent whose chain holds the child itself (by device and inode) would make a loop."""
+    for img in parent_disk.layers:
+        st = os.fstat(img.fd)
+        if (st.st_dev, st.st_ino) == child_key:
+            raise ChainCycleError("the new parent's chain contains the child itself", path=child,
+                                  field="parent", value=img.path)
+
+
 def set_parent(child: str | os.PathLike[str], parent: str | os.PathLike[str], *, force: bool = False,
                parent_dirs: Sequence[str] | None = None, strict: bool = True) -> SetParentReport:
     """Make the differencing disk ``child`` name ``parent`` (see the module docstring)."""
@@ -111,11 +120,7 @@ def set_parent(child: str | os.PathLike[str], parent: str | os.PathLike[str], *,
         child_key = (child_id.st_dev, child_id.st_ino)
     # The new parent's whole chain must open (its own parents found, ids right) before the child names it.
     with open_chain(parent_s, "r", parent_dirs, strict=strict) as pdisk:
-        for img in pdisk.layers:
-            st = os.fstat(img.fd)
-            if (st.st_dev, st.st_ino) == child_key:
-                raise ChainCycleError("the new parent's chain contains the child itself", path=child_s,
-                                      field="parent", value=img.path)
+        refuse_cycle(pdisk, child_key, child_s)
         pimg = pdisk.leaf
         forced = pimg.unique_id != recorded
         if forced and not force:

@@ -86,26 +86,8 @@ def compression_level(dest: str, compression: str, level: int | None) -> int | N
     return level
 
 
-def error_object(exc: BaseException) -> dict[str, Any]:
-    """An error as ``--json`` reports it (docs/json.md): ``code``, ``message``, ``path``, ``offset``, ``field``.
-
-    ``code`` is the vhdcore exception's class name (``ParentNotFoundError``, ``UploadError``...), an OS error's
-    errno name (``ENOENT``, ``ENOSPC``...), or ``InvalidArgument`` for a value the command refused.
-    """
-    import errno as _errno
-
-    from ..exceptions import VHDError
-
-    if isinstance(exc, VHDError):
-        return {"code": type(exc).__name__, "message": exc.message, "path": exc.path, "offset": exc.offset,
-                "field": exc.field}
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return {"code": _errno.errorcode.get(exc.errno, type(exc).__name__), "message": exc.strerror or str(exc),
-                "path": exc.filename, "offset": None, "field": None}
-    code = "InvalidArgument" if isinstance(exc, ValueError) else type(exc).__name__
-    return {"code": code, "message": str(exc), "path": None, "offset": None, "field": None}
-
-
 def print_json_error(exc: BaseException) -> None:
     """With ``--json``: the error object on stdout, where the report would have gone."""
+    from ..exceptions import error_object
+
     print_json(error_object(exc))

@@ -26,7 +26,7 @@ import uuid
 from typing import Any
 
 from ..destination import atomic_output
-from ..exceptions import VHDError
+from ..exceptions import VHDError, error_object
 from ..progress import utc_now
 
 __all__ = ["JobRecord", "JobRecordError", "StageTimeout", "RECORD_NAME", "SCHEMA", "STATES", "TERMINAL"]
@@ -48,18 +48,6 @@ class StageTimeout(VHDError):
     """A stage ran past its time limit and stopped at a consistent point; the job should be retried later."""
 
     retry_later = True
-
-
-def _error_object(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, VHDError):
-        return {"code": type(exc).__name__, "message": exc.message, "path": exc.path, "offset": exc.offset,
-                "field": exc.field}
-    if isinstance(exc, OSError) and exc.errno is not None:
-        import errno as _errno
-
-        return {"code": _errno.errorcode.get(exc.errno, type(exc).__name__), "message": exc.strerror or str(exc),
-                "path": exc.filename, "offset": None, "field": None}
-    return {"code": type(exc).__name__, "message": str(exc), "path": None, "offset": None, "field": None}
 
 
 class JobRecord:
@@ -204,7 +192,7 @@ class JobRecord:
         st = self.data["stages"].setdefault(name, {})
         st.update(state="stopped", finished=utc_now(),
                   seconds=round(time.monotonic() - getattr(self, "_t_stage", time.monotonic()), 3))
-        st["error"] = _error_object(exc)
+        st["error"] = error_object(exc)
 
     def tick(self, stage: str, done: int, total: int | None, *, rate: float | None, eta: float | None,
              task_percent: float | None, force: bool = False, **extra: Any) -> bool:
@@ -219,7 +207,7 @@ class JobRecord:
         return True
 
     def fail(self, exc: BaseException, *, retry: bool) -> None:
-        err = _error_object(exc)
+        err = error_object(exc)
         err["retry"] = retry
         done = [k for k, v in self.data["stages"].items() if v.get("state") in ("done", "skipped")]
         err["stages_done"] = done
