@@ -261,8 +261,11 @@ def test_sigkill_during_writes(tmp_path, kind) -> None:
         done, inflight = _read_log(log)
         rep = repair(disk)
         hits += rep.changed
-        assert rep.clean, [str(f) for f in rep.remaining]
-        assert check(disk, chain=True).clean
+        # A kill between a write's data and its bitmap bits leaves that data under clear bits (BITMAP_CLEAR_DATA,
+        # as in test_crash_at_every_step_of_a_write): readers get the old content, which the checks below verify.
+        left = [str(f) for f in rep.remaining if f.severity != INFO and f.code != "BITMAP_CLEAR_DATA"]
+        assert not left, left
+        assert {f.code for f in check(disk, chain=True).findings if f.severity != INFO} <= {"BITMAP_CLEAR_DATA"}
         old = _expected_blocks(prior + done, BLOCK)
         new = _expected_blocks(prior + done + ([inflight] if inflight else []), BLOCK)
         with vhdcore.open(disk) as d:
