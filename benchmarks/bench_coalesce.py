@@ -98,7 +98,7 @@ class ParentSnapshot:
     """The parent's metadata, to put it back to its original allocation between repeats."""
 
     def __init__(self, path: str) -> None:
-        from vhdcore.image import Image
+        from vhdcore.disk.image import Image
 
         self.path = path
         with Image(path) as img:

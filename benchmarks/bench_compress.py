@@ -76,9 +76,9 @@ def make_disk_like(path: Path, size: int, seed: int = 1) -> None:
 
 def _ours(kind: str, level: int, digests: bool = False) -> Callable[[bytes, Path], int]:
     def run(data: bytes, out: Path) -> int:
-        from vhdcore.compress import broadcast, open_compressor
-        from vhdcore.digests import StreamDigests
-        from vhdcore.upload.local import LocalSink
+        from vhdcore.delivery.compress import broadcast, open_compressor
+        from vhdcore.delivery.digests import StreamDigests
+        from vhdcore.delivery.upload.local import LocalSink
 
         sink = LocalSink(out, fsync=False)
         d = StreamDigests() if digests else None

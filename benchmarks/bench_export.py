@@ -85,7 +85,7 @@ def _tree_size(p: Path) -> int:
 def build_chain(work: Path, gib: int, log: Callable[[str], None]) -> tuple[Path, Path]:
     """The base + child chain (see the module docstring); reused when already in ``work``."""
     import vhdcore
-    from vhdcore import _kernels as K
+    from vhdcore import kernels as K
 
     base, child = work / "base.vhd", work / "child.vhd"
     if base.exists() and child.exists():
@@ -142,7 +142,7 @@ def build_chain(work: Path, gib: int, log: Callable[[str], None]) -> tuple[Path,
 def allocated_content(leaf: Path, out: Path) -> int:
     """Write every run some layer holds, end to end, to ``out``; returns its size."""
     import vhdcore
-    from vhdcore.packages import iter_content
+    from vhdcore.delivery.packages import iter_content
 
     if out.exists():
         return out.stat().st_size
@@ -184,7 +184,7 @@ def sh(cmd: str) -> None:
 
 
 def run_all(work: Path, gib: int, repeat: int, swift: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from vhdcore.export import export
+    from vhdcore.delivery.export import export
 
     for tool in ("zstd", "pigz", "tar", "mkfs.ext4"):
         if shutil.which(tool) is None:
@@ -357,10 +357,10 @@ def _swift_rows(work: Path, leaf: Path, compressed: Path, repeat: int, rows: dic
                 log: Callable[[str], None]) -> dict[str, float]:
     if str(HERE.parent / "tests") not in sys.path:
         sys.path.insert(0, str(HERE.parent / "tests"))
-    from swift_server import start_swift
+    from support.swift_server import start_swift
 
-    from vhdcore.export import export
-    from vhdcore.upload import deliver
+    from vhdcore.delivery.export import export
+    from vhdcore.delivery.upload import deliver
 
     seg = 128 * MiB
     size = compressed.stat().st_size
@@ -414,7 +414,7 @@ def _swift_rows(work: Path, leaf: Path, compressed: Path, repeat: int, rows: dic
 
 
 def swift_only(work: Path, gib: int, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
-    from vhdcore.export import export
+    from vhdcore.delivery.export import export
 
     work.mkdir(parents=True, exist_ok=True)
     _, leaf = build_chain(work, gib, log)

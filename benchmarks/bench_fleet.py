@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import vhdcore  # noqa: E402
-from fleet_support import Redis, Worker  # noqa: E402
+from support.fleet import Redis, Worker  # noqa: E402
 from vhdcore.jobs import run_job  # noqa: E402
 from vhdcore.jobs.celeryapp import make_app  # noqa: E402
 from vhdcore.jobs.client import status, submit  # noqa: E402

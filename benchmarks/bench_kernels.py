@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from vhdcore._kernels import load_backend
+from vhdcore.kernels import load_backend
 
 MiB = 1024 * 1024
 BLOCK = 2 * MiB

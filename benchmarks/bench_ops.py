@@ -130,7 +130,7 @@ def test_import_qemu_img(benchmark, ops_data) -> None:
 
 @pytest.mark.benchmark(group="compare two 4 GiB disks differing in one sector")
 def test_compare_vhdcore(benchmark, ops_data) -> None:
-    from vhdcore.compare import compare
+    from vhdcore.ops.compare import compare
 
     res = benchmark.pedantic(lambda: compare(ops_data["a"], ops_data["b"]), rounds=ROUNDS, iterations=1,
                              warmup_rounds=1)
@@ -180,7 +180,7 @@ def _fresh(d, src, name):
 
 @pytest.mark.benchmark(group="resize a dynamic disk to 2040 GiB")
 def test_resize_vhdcore(benchmark, resize_input) -> None:
-    from vhdcore.resize import resize
+    from vhdcore.ops.resize import resize
 
     d, src = resize_input
     out, _, setup = _fresh(d, src, "rs-vhdcore.vhd")

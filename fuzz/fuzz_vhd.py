@@ -37,14 +37,14 @@ import atheris  # noqa: E402
 
 with atheris.instrument_imports(include=["vhdcore"]):
     import vhdcore  # noqa: F401,E402
-    import vhdcore.chain  # noqa: F401,E402
-    import vhdcore.check  # noqa: F401,E402
-    import vhdcore.convert  # noqa: F401,E402
-    import vhdcore.image  # noqa: F401,E402
-    import vhdcore.repair  # noqa: F401,E402
-    import vhdcore.structs  # noqa: F401,E402
+    import vhdcore.disk.chain  # noqa: F401,E402
+    import vhdcore.ops.check  # noqa: F401,E402
+    import vhdcore.ops.convert  # noqa: F401,E402
+    import vhdcore.disk.image  # noqa: F401,E402
+    import vhdcore.ops.repair  # noqa: F401,E402
+    import vhdcore.format.structs  # noqa: F401,E402
 
-from hostile import fuzzing as F  # noqa: E402
+from support.hostile import fuzzing as F  # noqa: E402
 
 CRASH_DIR = Path(os.environ.get("VHDCORE_FUZZ_CRASH_DIR", ROOT / "fuzz" / "crashes"))
 WORK = Path(tempfile.mkdtemp(prefix="vhdfuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))

@@ -52,7 +52,7 @@ def _backend_is_the_requested_one() -> None:
 # growth and compact tests.
 @pytest.fixture(scope="module")
 def mbr_chain(tmp_path_factory):
-    import growth_support as gs
+    from support import growth as gs
 
     gs.ensure_tools()
     return gs.build_once("mbr", lambda: gs.build_mbr_chain(tmp_path_factory.mktemp("mbr-chain")))
@@ -60,7 +60,7 @@ def mbr_chain(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpt_chain(tmp_path_factory):
-    import growth_support as gs
+    from support import growth as gs
 
     gs.ensure_tools()
     return gs.build_once("gpt", lambda: gs.build_gpt_chain(tmp_path_factory.mktemp("gpt-chain")))

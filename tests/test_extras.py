@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import vhdcore
-from vhdcore import cli
+from vhdcore.cli import main as cli
 from vhdcore._extras import MissingDependencyError
 
 pytestmark = pytest.mark.backend_independent
@@ -60,7 +60,7 @@ def test_api_raises_an_import_error_naming_the_extra(tmp_path, monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"vhdcore\[swift\]") as exc:
         vhdcore.export(leaf, "swift://images/disk.vhd")
     assert isinstance(exc.value, ImportError)
-    from vhdcore.upload.fetch import open_download
+    from vhdcore.delivery.upload.fetch import open_download
 
     with pytest.raises(MissingDependencyError, match=r"vhdcore\[swift\]"):
         open_download("swift://images/disk.vhd")

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostile import fuzzing as F
+from support.hostile import fuzzing as F
 
 # Examples per backend: about 10-20 s of the suite on two cores.
 SHORT_RUN_EXAMPLES = int(os.environ.get("VHDCORE_FUZZ_EXAMPLES", "400"))

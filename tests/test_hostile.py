@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import vhdcore
-from vhdcore import cli
-from vhdcore.check import CODES, ERROR, INFO, WARNING, check
+from vhdcore.cli import main as cli
+from vhdcore.ops.check import CODES, ERROR, INFO, WARNING, check
 from vhdcore.exceptions import InvalidFormatError, LockError, ParentNotFoundError, VHDError
-from vhdcore.repair import repair, undo
+from vhdcore.ops.repair import repair, undo
 
-from hostile.cases import CASES, Target
+from support.hostile.cases import CASES, Target
 
 # --------------------------------------------------------------------------------------------- opened files
 
@@ -254,7 +254,7 @@ def test_a_path_swapped_after_its_check_is_refused(tmp_path, monkeypatch) -> Non
     # The race: a candidate is checked by path, then opened by path; someone renames a directory in between
     # so that the open lands outside. Simulated by blinding the check (realpath stops resolving symlinks):
     # what the descriptor really opened must still be refused.
-    from hostile.cases import _escape, _u16
+    from support.hostile.cases import _escape, _u16
 
     t = _escape(tmp_path, [(b"W2ru", _u16(".\\parent.vhd"))])
     os.symlink(tmp_path / "outside" / "parent.vhd", tmp_path / "child" / "parent.vhd")
@@ -263,7 +263,7 @@ def test_a_path_swapped_after_its_check_is_refused(tmp_path, monkeypatch) -> Non
         vhdcore.open(t.path).close()
     assert any("the path changed while it was checked; refused" in entry for entry in ei.value.tried), ei.value.tried
     # and a resolver that hands over such a path (as --force parent-id's handler could) is refused on open
-    from vhdcore.chain import open_layers
+    from vhdcore.disk.chain import open_layers
 
     with pytest.raises(ParentNotFoundError, match="outside the allowed directories"):
         open_layers(t.path, resolver=lambda child, allowed: str(tmp_path / "child" / "parent.vhd"))

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhdcore import _kernels
-from vhdcore._kernels import KERNELS, load_backend
+from vhdcore import kernels as _kernels
+from vhdcore.kernels import KERNELS, load_backend
 
 BACKENDS = ("cython", "python")
 UNUSED = 0xFFFFFFFF
@@ -160,7 +160,7 @@ if {block}:
     sys.modules["vhdcore._coalesce"] = None  # the extension "is not built": importing it raises ImportError
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    import vhdcore._kernels as k
+    import vhdcore.kernels as k
 print(k.BACKEND, k.is_zero.__module__, any(issubclass(w.category, RuntimeWarning) for w in caught))
 """
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 import vhdcore
-from vhdcore.coalesce import coalesce
+from vhdcore.ops.coalesce import coalesce
 from vhdcore.exceptions import CorruptImageError
 
-from coalesce_support import content
-from vhdtest import MiB, build_chain, file_sha256
+from support.coalesce import content
+from support.vhdtest import MiB, build_chain, file_sha256
 
 
 def _bat_offset(path: Path) -> int:
-    from vhdcore.image import Image
+    from vhdcore.disk.image import Image
     with Image(path, "r") as img:
         return img.header.table_offset
 
@@ -55,9 +55,9 @@ def test_ignore_checksums_keeps_the_bat_overlap_check(tmp_path) -> None:
     "s3://b/x.vhd", "s3://bucket/", "swift://./x.vhd",
 ])
 def test_hostile_object_urls_refused_before_any_request(url, monkeypatch, capsys) -> None:
-    from vhdcore.upload import ObjectNameError, open_sink, parse_destination
-    from vhdcore.upload.s3 import S3Sink
-    from vhdcore.upload.swift import SwiftSink
+    from vhdcore.delivery.upload import ObjectNameError, open_sink, parse_destination
+    from vhdcore.delivery.upload.s3 import S3Sink
+    from vhdcore.delivery.upload.swift import SwiftSink
 
     def no_request(*a, **k):
         raise AssertionError("a request was made")
@@ -80,7 +80,7 @@ def test_hostile_object_urls_refused_before_any_request(url, monkeypatch, capsys
 
 @pytest.mark.backend_independent
 def test_ordinary_object_urls_still_parse() -> None:
-    from vhdcore.upload import parse_destination
+    from vhdcore.delivery.upload import parse_destination
     assert parse_destination("swift://images/srv1/disk%20a.vhd") == ("swift", "images", "srv1/disk a.vhd")
     assert parse_destination("s3://my-bucket.x/a/b.vhd.zst") == ("s3", "my-bucket.x", "a/b.vhd.zst")
 
@@ -90,9 +90,9 @@ def test_ordinary_object_urls_still_parse() -> None:
 
 @pytest.mark.backend_independent
 def test_an_undo_file_refuses_another_disk(tmp_path) -> None:
-    from hostile import build as B
+    from support.hostile import build as B
     from vhdcore.exceptions import UnsafeOperationError
-    from vhdcore.repair import repair, undo
+    from vhdcore.ops.repair import repair, undo
 
     a = B.build(tmp_path / "a.vhd", blocks=(1,))
     b = B.build(tmp_path / "b.vhd", blocks=(1, 2))
@@ -123,7 +123,7 @@ def test_an_undo_file_refuses_another_disk(tmp_path) -> None:
 @pytest.mark.backend_independent
 def test_planted_symlinks_for_the_manifest_temp_name_are_never_followed(tmp_path) -> None:
     from vhdcore.destination import DestinationError
-    from vhdcore.export import export
+    from vhdcore.delivery.export import export
 
     (tmp_path / "chain").mkdir()
     (tmp_path / "out").mkdir()
@@ -153,7 +153,7 @@ def test_planted_symlinks_for_the_manifest_temp_name_are_never_followed(tmp_path
 
 @pytest.mark.backend_independent
 def test_device_and_fifo_destinations_are_refused_by_every_writer(tmp_path, capsys) -> None:
-    from vhdcore import cli
+    from vhdcore.cli import main as cli
 
     paths, _ = build_chain(tmp_path, 2, size=2 * MiB, block_size=512 * 1024, writes=5, seed=5)
     fifo = tmp_path / "fifo"
@@ -192,13 +192,13 @@ def test_a_killed_exports_part_file_is_removed_by_the_next_run(tmp_path) -> None
     import subprocess
     import sys
 
-    from vhdcore.export import export
-    from vhdcore.upload.local import LocalSink
+    from vhdcore.delivery.export import export
+    from vhdcore.delivery.upload.local import LocalSink
 
     paths, _ = build_chain(tmp_path, 2, size=2 * MiB, block_size=512 * 1024, writes=5, seed=10)
     dest = tmp_path / "out" / "d.vhd"
     dest.parent.mkdir()
-    code = ("import sys, time\nfrom vhdcore.upload.local import LocalSink\n"
+    code = ("import sys, time\nfrom vhdcore.delivery.upload.local import LocalSink\n"
             f"s = LocalSink({str(dest)!r})\ns.write(b'x' * 1000000)\nprint(s.temp_path, flush=True)\ntime.sleep(60)\n")
     live = LocalSink(dest)  # a concurrent export to the same name: its part file is held, so it stays
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -234,7 +234,7 @@ def _hostile_journal_setup(tmp_path: Path):
 
 
 def _ids(path: Path) -> tuple[str, int]:
-    from vhdcore.image import Image
+    from vhdcore.disk.image import Image
     with Image(path, "r") as img:
         return str(img.unique_id), img.footer.data_offset
 
@@ -245,7 +245,7 @@ def _ids(path: Path) -> tuple[str, int]:
 def test_a_hostile_journal_is_refused_and_nothing_is_touched(tmp_path, variant) -> None:
     import json
 
-    from vhdcore.relink import JournalError
+    from vhdcore.ops.coalesce.relink import JournalError
 
     base, mid, grand, other_disk, victim = _hostile_journal_setup(tmp_path)
     mid_id, _ = _ids(mid)
@@ -310,7 +310,7 @@ def test_kill_between_unlinking_the_child_and_the_journal_reruns_cleanly(tmp_pat
 
 @pytest.mark.backend_independent
 def test_coalesce_into_a_shared_parent_found_through_parent_dir_is_refused(tmp_path, capsys) -> None:
-    from vhdcore import cli
+    from vhdcore.cli import main as cli
     from vhdcore.exceptions import UnsafeOperationError
 
     base_dir = tmp_path / "_base"
@@ -387,8 +387,8 @@ def test_snapshot_and_coalesce_exclude_each_other(tmp_path, monkeypatch) -> None
 def test_enospc_mid_coalesce_releases_the_reserved_region(tmp_path, monkeypatch) -> None:
     import errno
 
-    from vhdcore.check import check
-    from vhdcore.coalesce_writer import WriteIO
+    from vhdcore.ops.check import check
+    from vhdcore.ops.coalesce.writer import WriteIO
 
     base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
     with vhdcore.create(base, 16 * MiB, block_size=512 * 1024) as d:
@@ -411,7 +411,7 @@ def test_enospc_mid_coalesce_releases_the_reserved_region(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         coalesce(child, batch_bytes=1 * MiB)
     monkeypatch.setattr(WriteIO, "pwritev", real)
-    from vhdcore.image import Image
+    from vhdcore.disk.image import Image
     assert max(calls) > size_before + 8 * MiB  # a reserved region far past the old end was in use ...
     with Image(base, "r") as img:  # ... and was given back: the file ends right after its last committed block
         assert img.file_size == max(img.blocks_end, img.metadata_end) + 512 < max(calls)
@@ -447,9 +447,9 @@ def test_chain_tar_bombs_are_refused_before_reading_or_writing(tmp_path, bomb) -
 
     import zstandard
 
-    from vhdcore.contentcheck import verify
+    from vhdcore.delivery.verify import verify
     from vhdcore.exceptions import InvalidFormatError
-    from vhdcore.tarstream import TarLimits
+    from vhdcore.delivery.tarstream import TarLimits
 
     paths, _ = build_chain(tmp_path, 1, size=1 * MiB, block_size=512 * 1024, writes=2, seed=7)
     limits = None
@@ -512,10 +512,10 @@ def test_coalesce_export_and_repair_write_only_inside_the_chain_and_the_destinat
     global _WRITES
     import json
 
-    from hostile import build as B
-    from vhdcore.export import export
-    from vhdcore.repair import repair
-    import vhdcore.upload.pipeline  # noqa: F401 - imported before the hook watches (its .pyc is Python's)
+    from support.hostile import build as B
+    from vhdcore.delivery.export import export
+    from vhdcore.ops.repair import repair
+    import vhdcore.delivery.upload.pipeline  # noqa: F401 - imported before the hook watches (its .pyc is Python's)
 
     vm, out, other, rdir = (tmp_path / n for n in ("vm", "out", "other", "r"))
     for d in (vm, out, other, rdir):
@@ -558,8 +558,8 @@ def test_coalesce_export_and_repair_write_only_inside_the_chain_and_the_destinat
 
 @pytest.mark.backend_independent
 def test_a_chain_tar_of_a_fixed_disk_is_verified_without_extraction(tmp_path) -> None:
-    from vhdcore.contentcheck import verify
-    from vhdcore.export import export
+    from vhdcore.delivery.verify import verify
+    from vhdcore.delivery.export import export
 
     base = tmp_path / "fixed.vhd"
     with vhdcore.create(base, 2 * MiB, type="fixed") as d:
@@ -575,7 +575,7 @@ def test_a_chain_tar_of_a_fixed_disk_is_verified_without_extraction(tmp_path) ->
 
 @pytest.mark.backend_independent
 def test_image_refuses_its_destination_before_the_chain_is_coalesced(tmp_path, capsys) -> None:
-    from vhdcore import cli
+    from vhdcore.cli import main as cli
 
     paths, _ = build_chain(tmp_path, 2, size=2 * MiB, block_size=512 * 1024, writes=5, seed=23)
     (tmp_path / "out.vhd").write_bytes(b"someone's file")

@@ -10,17 +10,15 @@ stays cheap for scripts that only read.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
-from ._kernels import BACKEND
-from .chain import Disk, open_chain
-from .create import create, snapshot
+from .kernels import BACKEND
+from .disk.chain import Disk, open_chain
+from .ops.create import create, snapshot
 from .exceptions import *  # noqa: F401,F403 - the hierarchy is part of the API
 from .exceptions import __all__ as _exc_all
-from .extents import Extent
-from .image import Image
+from .disk.extents import Extent
+from .disk.image import Image
 
 __version__ = "0.1.0"
 
@@ -38,43 +36,26 @@ def open(path, mode: str = "r", parent_dirs=None, *, strict: bool = True, resolv
     return open_chain(path, mode, parent_dirs, strict=strict, resolver=resolver)
 
 
-# name -> module that defines it, imported lazily
+# name -> module that defines it, imported on first use. No module of the package shares a public function's
+# name, so ``vhdcore.convert`` is always the function, whatever was imported before.
 _LAZY = {
-    "convert": "convert",
-    "coalesce": "coalesce",
-    "CoalesceReport": "coalesce",
-    "check": "check",
-    "repair": "repair",
-    "growth": "growth",
-    "GrowthReport": "growth",
-    "compact": "compact",
-    "export": "export",
-    "ExportReport": "export",
-    "verify": "export",
-    "compare": "compare",
-    "measure": "measure",
-    "resize": "resize",
-    "set_parent": "setparent",
-    "rebase": "rebase",
+    "convert": "ops.convert",
+    "coalesce": "ops.coalesce",
+    "CoalesceReport": "ops.coalesce",
+    "check": "ops.check",
+    "repair": "ops.repair",
+    "growth": "ops.growth",
+    "GrowthReport": "ops.growth",
+    "compact": "ops.compact",
+    "export": "delivery.export",
+    "ExportReport": "delivery.export",
+    "verify": "delivery.verify",
+    "compare": "ops.compare",
+    "measure": "ops.measure",
+    "resize": "ops.resize",
+    "set_parent": "ops.setparent",
+    "rebase": "ops.rebase",
 }
-
-
-class _Package(types.ModuleType):
-    """The package module, guarding the public functions that share their name with their module.
-
-    When ``vhdcore.convert`` (the module) is first imported by any route other than ``__getattr__`` below (the
-    CLI's ``from ..convert import convert``, a user's ``from vhdcore.convert import ConvertReport``), the import
-    system binds the *module* as the package attribute, and ``vhdcore.convert(...)`` then fails with "'module'
-    object is not callable". Binding the function instead keeps the documented API whatever was imported first.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

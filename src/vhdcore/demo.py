@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 
-from . import cli
-from .create import create, snapshot
+from .cli import main as cli
+from .ops.create import create, snapshot
 
 MiB = 1024 * 1024
 DISK_SIZE = 256 * MiB

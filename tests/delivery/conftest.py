@@ -9,14 +9,8 @@ from typing import Iterator
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent.parent
-for _p in (TESTS, TESTS / "delivery"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from swift_server import SwiftServer, swift_server  # noqa: E402,F401 - re-exported session fixture
-
-from faultproxy import FaultProxy  # noqa: E402
+from support.faultproxy import FaultProxy
+from support.swift_server import SwiftServer, swift_server  # noqa: F401 - re-exported session fixture
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vhdcore.compress import (
+from vhdcore.delivery.compress import (
     DEFAULT_LEVELS,
     GzipCompressor,
     NullCompressor,
@@ -101,7 +101,7 @@ def test_gzip_compresses_on_two_threads_with_bounded_work(disk_bytes: bytes) -> 
         emit_threads.add(threading.current_thread().name)
         buf.write(data)
 
-    import vhdcore.compress as mod
+    import vhdcore.delivery.compress as mod
 
     real = mod._deflate_chunk
 

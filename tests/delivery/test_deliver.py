@@ -11,9 +11,9 @@ from typing import Iterator
 
 import pytest
 
-from swift_server import SwiftServer
+from support.swift_server import SwiftServer
 
-from vhdcore.upload import DeliveryResult, deliver
+from vhdcore.delivery.upload import DeliveryResult, deliver
 
 pytestmark = pytest.mark.backend_independent
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from vhdcore.compress import broadcast, open_compressor
-from vhdcore.digests import StreamDigests, XXH3Manifest
+from vhdcore.delivery.compress import broadcast, open_compressor
+from vhdcore.delivery.digests import StreamDigests, XXH3Manifest
 from vhdcore.exceptions import InvalidFormatError, VerificationError
-from vhdcore.upload.local import LocalSink
+from vhdcore.delivery.upload.local import LocalSink
 
 pytestmark = pytest.mark.backend_independent
 

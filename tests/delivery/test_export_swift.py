@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from exportcheck import EXT, assert_package_holds, decompress
-from faultproxy import FaultProxy
-from swift_server import SwiftServer
-from vhdtest import build_chain
+from support.exportcheck import EXT, assert_package_holds, decompress
+from support.faultproxy import FaultProxy
+from support.swift_server import SwiftServer
+from support.vhdtest import build_chain
 
-from vhdcore.export import export, verify
-from vhdcore.upload import UploadError
+from vhdcore.delivery.export import export, verify
+from vhdcore.delivery.upload import UploadError
 
 # The chain is read through the kernels, but those paths are covered per backend by tests/test_export.py;
 # what is tested here is the delivery, so once is enough.

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from swift_server import SwiftServer
+from support.swift_server import SwiftServer
 
-from vhdcore.imaging import image
-from vhdcore.upload import UploadError
-from vhdcore.upload.swift import swift_auth
-from vhdtest import MiB, build_chain, disk_sha256, file_sha256
+from vhdcore.pipeline import image
+from vhdcore.delivery.upload import UploadError
+from vhdcore.delivery.upload.swift import swift_auth
+from support.vhdtest import MiB, build_chain, disk_sha256, file_sha256
 
 pytestmark = pytest.mark.backend_independent
 

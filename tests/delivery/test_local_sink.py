@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vhdcore.upload import UploadError, open_sink, parse_destination
-from vhdcore.upload.local import LocalSink
+from vhdcore.delivery.upload import UploadError, open_sink, parse_destination
+from vhdcore.delivery.upload.local import LocalSink
 
 pytestmark = pytest.mark.backend_independent
 

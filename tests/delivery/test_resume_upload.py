@@ -1,4 +1,4 @@
-"""Resumable uploads of a job (vhdcore.jobs + vhdcore.upload.resume) against the real Swift and its S3 API.
+"""Resumable uploads of a job (vhdcore.jobs + vhdcore.delivery.upload.resume) against the real Swift and its S3 API.
 
 An upload cut off after some segments (a dropped connection through the fault relay) leaves the job in state
 ``retry``; the rerun regenerates the same stream, reuses the stored segments (counted at the relay: they are
@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from faultproxy import FaultProxy
-from swift_server import SwiftServer
-from vhdtest import build_chain
+from support.faultproxy import FaultProxy
+from support.swift_server import SwiftServer
+from support.vhdtest import build_chain
 
 from vhdcore.jobs import run_job
 from vhdcore.jobs.runner import is_retryable
-from vhdcore.upload import UploadError
+from vhdcore.delivery.upload import UploadError
 
 # What is tested is the delivery and the job around it; the kernels are covered per backend elsewhere.
 pytestmark = pytest.mark.backend_independent
@@ -39,7 +39,7 @@ def _state(job_dir: Path) -> dict[str, Any]:
 
 
 def _qemu_content(vhd: bytes, work: Path) -> bytes:
-    from exportcheck import qemu_raw
+    from support.exportcheck import qemu_raw
 
     (work / "out.vhd").write_bytes(vhd)
     return qemu_raw(work / "out.vhd", work / "out.raw").read_bytes()

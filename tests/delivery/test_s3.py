@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from swift_server import SwiftServer
+from support.swift_server import SwiftServer
 
-from vhdcore.upload import UploadError, open_sink
-from vhdcore.upload.s3 import S3Sink, multipart_etag
+from vhdcore.delivery.upload import UploadError, open_sink
+from vhdcore.delivery.upload.s3 import S3Sink, multipart_etag
 
 pytestmark = pytest.mark.backend_independent
 

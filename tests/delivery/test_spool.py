@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from vhdcore.upload.segmented import CountingReader, Spool
+from vhdcore.delivery.upload.segmented import CountingReader, Spool
 
 pytestmark = pytest.mark.backend_independent
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from swift_server import SwiftServer
-from faultproxy import FaultProxy
+from support.swift_server import SwiftServer
+from support.faultproxy import FaultProxy
 
-from vhdcore.compress import broadcast, open_compressor
-from vhdcore.digests import StreamDigests
+from vhdcore.delivery.compress import broadcast, open_compressor
+from vhdcore.delivery.digests import StreamDigests
 from vhdcore.exceptions import VHDError
-from vhdcore.upload import UploadError, open_sink
-from vhdcore.upload.swift import SwiftSink, slo_etag
+from vhdcore.delivery.upload import UploadError, open_sink
+from vhdcore.delivery.upload.swift import SwiftSink, slo_etag
 
 pytestmark = pytest.mark.backend_independent
 
@@ -241,7 +241,7 @@ def test_segments_grow_to_fit_a_known_size_before_anything_is_sent(swift_server:
                                                                    disk_bytes: bytes) -> None:
     # 1000 segments of the 1 GiB default hold 1 TB: a bigger image used to fail at segment 1001, after the
     # first terabyte had gone up. Told the size up front, the sink grows its segments instead.
-    from vhdcore.upload import deliver
+    from vhdcore.delivery.upload import deliver
 
     data = disk_bytes[: 5 * MiB + 3]
     result = deliver(iter([data]), "swift://images/grown.raw", compression="none", digests=(),

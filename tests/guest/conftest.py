@@ -3,5 +3,5 @@
 The helpers live in guestimages.py rather than here so that test modules import them by a name no other
 conftest.py in the suite shares.
 """
-from guestimages import (ext_images, fat_images, gpt_disk, guest_tools, mbr_disk, ntfs_images,  # noqa: F401
+from support.guestimages import (ext_images, fat_images, gpt_disk, guest_tools, mbr_disk, ntfs_images,  # noqa: F401
                          small_fs, xfs_images)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import vhdcore
-from guestimages import (MiB, RawReader, dumpe2fs_header, fsck_fat_clusters, ntfsinfo_counts, run, sfdisk_json)
+from support.guestimages import (MiB, RawReader, dumpe2fs_header, fsck_fat_clusters, ntfsinfo_counts, run, sfdisk_json)
 from vhdcore.exceptions import ChecksumError, InvalidFormatError
 from vhdcore.guest import RawFileReader, analyse, read_partition_table
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guestimages import EXT_VARIANTS, RawReader, debugfs_blocks, dumpe2fs_free_blocks, dumpe2fs_header
+from support.guestimages import EXT_VARIANTS, RawReader, debugfs_blocks, dumpe2fs_free_blocks, dumpe2fs_header
 from vhdcore.guest import analyse, probe
 
 
@@ -110,7 +110,7 @@ def test_stale_superblock_count_is_reported(ext_images, tmp_path):
     src = ext_images["ext4-32bit-noflex"].path
     img = tmp_path / "stale.img"
     img.write_bytes(src.read_bytes())
-    from guestimages import run
+    from support.guestimages import run
 
     hdr = dumpe2fs_header(img)
     run("debugfs", "-w", "-R", f"ssv free_blocks_count {int(hdr['Free blocks']) + 7}", img)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from guestimages import RawReader
+from support.guestimages import RawReader
 from vhdcore.exceptions import InvalidFormatError
 from vhdcore.guest import analyse, probe
 

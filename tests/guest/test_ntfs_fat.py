@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guestimages import (FAT_VARIANTS, NTFS_VARIANTS, RawReader, fat_file_clusters, fsck_fat_clusters,
+from support.guestimages import (FAT_VARIANTS, NTFS_VARIANTS, RawReader, fat_file_clusters, fsck_fat_clusters,
                       ntfs_file_clusters, ntfsinfo_counts)
 from vhdcore.guest import analyse, probe
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guestimages import RawReader, xfs_file_blocks, xfs_free_extents
+from support.guestimages import RawReader, xfs_file_blocks, xfs_free_extents
 from vhdcore.guest import analyse, probe
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from .. import _kernels as K
+from .. import kernels as K
 from ..exceptions import InvalidFormatError
 from .bits import set_range, shift_up
 

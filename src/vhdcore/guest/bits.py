@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _kernels as K
+from .. import kernels as K
 
 
 def set_range(bitmap: np.ndarray, start: int, stop: int, value: bool = True) -> None:

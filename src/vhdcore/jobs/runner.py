@@ -1,6 +1,6 @@
 """The embedded job: ``vhdcore image --job-dir D`` (and the body of every fleet worker's task).
 
-:func:`run_job` runs :func:`vhdcore.imaging.image` under a :class:`~.record.JobRecord`. What it adds:
+:func:`run_job` runs :func:`vhdcore.pipeline.image` under a :class:`~.record.JobRecord`. What it adds:
 
 * every state transition, stage start and end, byte count, rate and ETA goes into ``D/job.json``;
 * resumable: run again with the same job directory after a crash or a kill, it continues the same job. A stage
@@ -59,7 +59,7 @@ def is_retryable(exc: BaseException, stage: str | None) -> bool:
         return False
     if isinstance(exc, StageTimeout):
         return True
-    from ..upload import UploadError
+    from ..delivery.upload import UploadError
 
     if isinstance(exc, UploadError):
         return True
@@ -67,7 +67,7 @@ def is_retryable(exc: BaseException, stage: str | None) -> bool:
 
 
 def _hash_output(dest: str, remote_options: dict[str, Any], algo: str = "sha256") -> tuple[int, str]:
-    from ..upload.fetch import open_download
+    from ..delivery.upload.fetch import open_download
 
     h = hashlib.new(algo)
     n = 0
@@ -184,7 +184,7 @@ VHD_EPOCH = 946684800  # 2000-01-01T00:00:00Z, where VHD timestamps count from
 
 def _chain_identity(leaf: str, parent_dirs: Sequence[str] | None) -> list[dict[str, Any]]:
     """Each layer's path, size and mtime: the upload state is bound to the very files the stream comes from."""
-    from ..chain import open_chain
+    from ..disk.chain import open_chain
 
     with open_chain(leaf, "r", parent_dirs) as disk:
         paths = [img.path for img in disk.layers]
@@ -205,7 +205,7 @@ def _resumable_upload(rec: JobRecord, leaf: str, dest: str, parent_dirs: Sequenc
     """
     import uuid
 
-    from ..upload.resume import STATE_NAME, UploadState
+    from ..delivery.upload.resume import STATE_NAME, UploadState
 
     pinned = rec.data.get("package_identity")
     if not (isinstance(pinned, dict) and isinstance(pinned.get("unique_id"), str)
@@ -244,12 +244,12 @@ def run_job(
 ) -> JobRecord:
     """Run (or continue) the imaging job recorded in ``job_dir``; returns its record in a final state.
 
-    ``options`` are :func:`vhdcore.imaging.image`'s (package, compression, level, compact, overwrite, analyse,
+    ``options`` are :func:`vhdcore.pipeline.image`'s (package, compression, level, compact, overwrite, analyse,
     and the sink's credentials, which are used but never recorded). The record ends ``complete``; on error it
     ends ``failed`` or ``retry`` and the error is raised again (``StageTimeout`` and ``UploadError`` are the
     retryable ones; :func:`is_retryable` tells).
     """
-    from ..imaging import image
+    from ..pipeline import image
 
     leaf = os.path.abspath(os.fspath(leaf))
     dest = os.fspath(dest)
@@ -297,9 +297,9 @@ def run_job(
         else:
             rec.stage_done("export", rec.stage("export").get("result"), skipped="the delivered image verifies")
         if coalesce_in_place:
-            from ..chain import open_chain
-            from ..coalesce import coalesce as do_coalesce
-            from ..coalesce import journal_path
+            from ..disk.chain import open_chain
+            from ..ops.coalesce import coalesce as do_coalesce
+            from ..ops.coalesce import journal_path
 
             with open_chain(leaf, "r", parent_dirs) as disk:
                 depth = len(disk.layers)

@@ -1,1 +1,0 @@
-"""Sub-commands of the ``vhdcore`` CLI, one module each (see vhdcore.cli)."""
