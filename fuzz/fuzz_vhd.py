@@ -9,7 +9,7 @@
 Use -fork: under atheris' comparison instrumentation numpy temporaries stay alive (~100 MB per thousand inputs),
 so a single long-lived process grows; fork mode runs short-lived workers.
 
-Each fuzzer input is decoded by tests/hostile/fuzzing.py into a mutation plan for a seed (corpus files and a
+Each fuzzer input is decoded by tests/support/hostile/fuzzing.py into a mutation plan for a seed (corpus files and a
 vhdcore-made chain); the mutant is fed to check, open, map, reads and convert. A failure (an exception that is
 not a VHDError, a cross-check between check and open that does not hold, over 2 s or over 200 MB of traced
 memory) saves the mutant under fuzz/crashes/<digest>/ (or $VHDCORE_FUZZ_CRASH_DIR) in the layout of

@@ -1,4 +1,4 @@
-"""A short fuzzing run (hypothesis drawing bytes for the structure-aware mutator in tests/hostile/fuzzing.py)
+"""A short fuzzing run (hypothesis drawing bytes for the structure-aware mutator in tests/support/hostile/fuzzing.py)
 and every crash fuzzing ever found (tests/data/regressions). The long run is fuzz/fuzz_vhd.py (atheris).
 
 Each mutant goes to check, open (strict and lenient), map, reads and convert; every outcome must be a correct

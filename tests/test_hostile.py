@@ -1,4 +1,4 @@
-"""Hand-made hostile files (tests/hostile/cases.py): each must give its exact exception from vhdcore.open, its
+"""Hand-made hostile files (tests/support/hostile/cases.py): each must give its exact exception from vhdcore.open, its
 check findings, one CLI error line, and open nothing outside the allowed directories."""
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import vhdcore
+from support.vhdtest import vhdcore_cli
 from vhdcore.cli import main as cli
 from support.vhdtest import MiB, build_chain
 
@@ -22,14 +23,6 @@ LAYER_FIELDS = {"path", "type", "virtual_size", "chs_size", "geometry", "file_si
                 "creator_version", "creator_os", "timestamp", "unique_id", "saved_state", "block_size",
                 "allocated_blocks", "allocated_bytes"}
 DIFF_FIELDS = {"parent_unique_id", "parent_unicode_name", "parent_timestamp", "parent_locators"}
-
-
-def vhdcore_cli(*args: object, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "vhdcore", *map(str, args)], capture_output=True, text=True)
-    if check:
-        assert r.returncode == 0, r.stderr
-        assert "Traceback" not in r.stderr
-    return r
 
 
 def main_json(*args: object):

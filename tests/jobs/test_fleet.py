@@ -20,7 +20,7 @@ import vhdcore
 pytest.importorskip("celery", reason="the fleet needs the 'fleet' extra (celery[redis])")
 
 from support.fleet import Redis, Worker  # noqa: E402
-from test_json_schema import check_rules, documented_keys  # noqa: E402
+from support.jsondoc import check_rules, documented_keys  # noqa: E402
 from vhdcore.jobs.celeryapp import make_app  # noqa: E402
 from vhdcore.jobs.client import list_jobs, status, submit  # noqa: E402
 from support.vhdtest import build_chain, disk_sha256, file_sha256  # noqa: E402

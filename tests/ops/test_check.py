@@ -235,7 +235,7 @@ def test_public_names_stay_functions() -> None:
     import subprocess
     import sys
 
-    code = ("import vhdcore; vhdcore.repair; import vhdcore.repair as r; "
+    code = ("import vhdcore; vhdcore.repair; import vhdcore.ops.repair as r; "
             "assert callable(vhdcore.check) and callable(vhdcore.repair), (vhdcore.check, vhdcore.repair)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -245,7 +245,7 @@ def test_public_names_stay_functions() -> None:
 
 def _tap_file(tmp_path, version: int = 0x00010002, map0: int = 0x80):
     """vhd-util's layout (see test_image.build_tap_file) with the batmap's version and first byte chosen."""
-    from test_image import build_tap_file
+    from support.tapfile import build_tap_file
 
     p = tmp_path / "tap.vhd"
     bm_hdr, bm_end, batmap = build_tap_file(p)

@@ -13,7 +13,7 @@ import vhdcore
 from vhdcore.ops.compare import compare
 from support.vhdtest import MiB, build_chain, random_writes
 
-from test_cli import vhdcore_cli
+from support.vhdtest import vhdcore_cli
 
 KiB = 1024
 

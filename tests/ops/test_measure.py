@@ -16,7 +16,7 @@ import vhdcore
 from vhdcore.ops.measure import measure
 from support.vhdtest import MiB, build_chain, run
 
-from test_cli import vhdcore_cli
+from support.vhdtest import vhdcore_cli
 
 KiB = 1024
 

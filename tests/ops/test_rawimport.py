@@ -12,7 +12,7 @@ import vhdcore
 from vhdcore.ops.rawimport import RawDisk, looks_like_vhd
 from support.vhdtest import MiB, run
 
-from test_cli import vhdcore_cli
+from support.vhdtest import vhdcore_cli
 
 
 def sparse_raw(path: Path, size: int, seed: int = 1) -> bytearray:

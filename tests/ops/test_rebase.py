@@ -18,7 +18,7 @@ from vhdcore.ops.rebase import journal_path, rebase
 from vhdcore.ops.coalesce.relink import plan_relink
 from support.vhdtest import MiB, file_sha256, random_writes, vhd_util, vhd_util_path, vhd_util_read
 
-from test_cli import vhdcore_cli
+from support.vhdtest import vhdcore_cli
 
 KiB = 1024
 needs_vhd_util = pytest.mark.skipif(vhd_util_path() is None, reason="VHD_UTIL (libvhd's vhd-util) not set")

@@ -18,7 +18,7 @@ from vhdcore.format.geometry import chs_from_size
 from vhdcore.ops.resize import journal_path, resize
 from support.vhdtest import MiB, qemu_raw, vhd_util, vhd_util_path, vhd_util_read
 
-from test_cli import vhdcore_cli
+from support.vhdtest import vhdcore_cli
 
 KiB = 1024
 needs_vhd_util = pytest.mark.skipif(vhd_util_path() is None, reason="VHD_UTIL (libvhd's vhd-util) not set")

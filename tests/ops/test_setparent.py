@@ -14,7 +14,7 @@ from vhdcore.ops.coalesce.relink import plan_relink
 from vhdcore.ops.setparent import _write_journal, journal_path, set_parent
 from support.vhdtest import MiB, file_sha256, random_writes, vhd_util, vhd_util_path, vhd_util_read
 
-from test_cli import vhdcore_cli
+from support.vhdtest import vhdcore_cli
 
 needs_vhd_util = pytest.mark.skipif(vhd_util_path() is None, reason="VHD_UTIL (libvhd's vhd-util) not set")
 SIZE = 4 * MiB

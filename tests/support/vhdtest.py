@@ -5,6 +5,7 @@ import hashlib
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -92,3 +93,11 @@ def vhd_util_read(path: os.PathLike | str, size: int) -> bytes:
                               capture_output=True).stdout
     assert len(out) == size, f"vhd-util read gave {len(out)} bytes, expected {size}"
     return bytes(out)
+
+
+def vhdcore_cli(*args: object, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "vhdcore", *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr
+    return r

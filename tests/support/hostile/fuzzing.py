@@ -530,7 +530,7 @@ def load_regression(case_dir: Path, workdir: Path) -> Mutant:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python tests/hostile/fuzzing.py CASE_DIR...``: run saved mutants under the limits (exit 1 on failure).
+    """``python tests/support/hostile/fuzzing.py CASE_DIR...``: run saved mutants under the limits (exit 1 on failure).
     The atheris driver uses it to confirm a time-limit failure outside the slower instrumented process."""
     import sys
     import tempfile
