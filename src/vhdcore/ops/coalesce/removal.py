@@ -132,26 +132,16 @@ def finish_interrupted_removal(child: str, into: str | None, warnings: list[str]
     rec = read_journal(child)
     if not rec or rec.get("child") != child_real:
         return None
-    merged = rec.get("merged")
-    if not isinstance(merged, list) or not merged or len(merged) > 4096 or not all(isinstance(p, str)
-                                                                                  for p in merged):
-        raise JournalError("the journal's list of merged layers is not a list of paths", path=jpath, field="merged")
-    if merged[0] != child_real:
-        raise JournalError("the journal's first merged layer is not the child it lies beside", path=jpath,
-                           field="merged[0]", value=merged[0])
-    present = [_lexists(p) for p in merged]
-    if all(present):
+    merged = _journal_merged_layers(rec, jpath, child_real)
+    left = _layers_left(merged, jpath)
+    if left == len(merged):
         return None  # the chain is whole: the usual path redoes the merge and replays the (bound) relinks
-    n = present.index(False)
-    if any(present[n:]):
-        raise JournalError("the journal's merged layers are not a prefix of the chain (layers are deleted deepest "
-                           f"first, yet {merged[n]} is gone and a deeper one exists)", path=jpath, field="merged")
     target_path = str(rec.get("target", ""))
     if into is not None and os.path.realpath(into) != target_path:
         return None
     child_dir = os.path.dirname(child_real)
     allowed = sorted({child_dir, *(os.path.realpath(d) for d in parent_dirs + search_dirs)})
-    if n == 0:
+    if left == 0:
         # Killed after the child's unlink, before the journal's: every relink and deletion is done.
         os.unlink(jpath)
         fsync_dir(child_dir)
@@ -161,30 +151,9 @@ def finish_interrupted_removal(child: str, into: str | None, warnings: list[str]
                              backend=K.BACKEND, block_size=0)
         rep.warnings = list(warnings)
         return rep
-    # The layers still present must be the chain as it resolves now, file for file.
-    walked: list[tuple[int, int]] = []
-    img = Image(child, "r", strict=False)
-    try:
-        if str(img.unique_id) != rec.get("child_unique_id"):
-            return None
-        leaf_path = img.path
-        while len(walked) < n:
-            walked.append(_identity(img))
-            if len(walked) == n or not img.is_differencing:
-                break
-            try:
-                nxt = resolve_parent(img, allowed)
-            except VHDError:
-                break
-            img.close()
-            img = Image(nxt, "r", strict=False)
-    finally:
-        img.close()
-    for i, p in enumerate(merged[:n]):
-        st = os.stat(p)
-        if i >= len(walked) or (st.st_dev, st.st_ino) != walked[i]:
-            raise JournalError(f"the journal names {p} as a merged layer, but it is not layer {i} of the child's "
-                               "chain", path=jpath, field=f"merged[{i}]", value=p)
+    leaf_path = _match_chain(child, rec, merged[:left], allowed, jpath)
+    if leaf_path is None:
+        return None  # the child there now is another disk than the journal's
     if not _within(os.path.realpath(target_path), allowed):
         raise JournalError(f"the journal's target {target_path} is outside the chain's directories", path=jpath,
                            field="target", value=target_path)
@@ -203,8 +172,61 @@ def finish_interrupted_removal(child: str, into: str | None, warnings: list[str]
         rep.relinked.append(plan.path)
     rep.warnings = warnings + [f"{leaf_path}: finished the removal of an interrupted coalesce from its journal "
                                f"(merged into {target_path}; layers already deleted: "
-                               f"{', '.join(p for p in merged[n:])})"]
-    _remove_merged(merged[:n], jpath, rep)
+                               f"{', '.join(p for p in merged[left:])})"]
+    _remove_merged(merged[:left], jpath, rep)
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def _journal_merged_layers(rec: dict, jpath: str, child_real: str) -> list[str]:
+    """The journal's merged layers, leaf first: a bounded list of paths starting with the child."""
+    merged = rec.get("merged")
+    if not isinstance(merged, list) or not merged or len(merged) > 4096 or not all(isinstance(p, str)
+                                                                                  for p in merged):
+        raise JournalError("the journal's list of merged layers is not a list of paths", path=jpath, field="merged")
+    if merged[0] != child_real:
+        raise JournalError("the journal's first merged layer is not the child it lies beside", path=jpath,
+                           field="merged[0]", value=merged[0])
+    return merged
+
+
+def _layers_left(merged: list[str], jpath: str) -> int:
+    """How many of the merged layers are still there: they must be a prefix (layers are deleted deepest first)."""
+    present = [_lexists(p) for p in merged]
+    if all(present):
+        return len(merged)
+    left = present.index(False)
+    if any(present[left:]):
+        raise JournalError("the journal's merged layers are not a prefix of the chain (layers are deleted deepest "
+                           f"first, yet {merged[left]} is gone and a deeper one exists)", path=jpath, field="merged")
+    return left
+
+
+def _match_chain(child: str, rec: dict, remaining: list[str], allowed: list[str], jpath: str) -> str | None:
+    """Check that the merged layers still present are the child's chain as it resolves now, file for file (by
+    device and inode); return the child's path as opened, or None if the child is not the journal's."""
+    walked: list[tuple[int, int]] = []
+    img = Image(child, "r", strict=False)
+    try:
+        if str(img.unique_id) != rec.get("child_unique_id"):
+            return None
+        leaf_path = img.path
+        while len(walked) < len(remaining):
+            walked.append(_identity(img))
+            if len(walked) == len(remaining) or not img.is_differencing:
+                break
+            try:
+                nxt = resolve_parent(img, allowed)
+            except VHDError:
+                break
+            img.close()
+            img = Image(nxt, "r", strict=False)
+    finally:
+        img.close()
+    for i, p in enumerate(remaining):
+        st = os.stat(p)
+        if i >= len(walked) or (st.st_dev, st.st_ino) != walked[i]:
+            raise JournalError(f"the journal names {p} as a merged layer, but it is not layer {i} of the child's "
+                               "chain", path=jpath, field=f"merged[{i}]", value=p)
+    return leaf_path
 
