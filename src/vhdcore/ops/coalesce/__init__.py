@@ -116,10 +116,7 @@ def coalesce(
         chain.target.close()
         chain = chain.with_target(writable_target)
 
-        report = CoalesceReport(child=chain.leaf.path, target=chain.target.path,
-                                target_type=chain.target.disk_type.label,
-                                merged_layers=[layer.path for layer in chain.sources], backend=K.BACKEND,
-                                block_size=0, target_size_before=chain.target.file_size)
+        report = _new_report(chain)
         io = stack.enter_context(contextlib.closing(WriteIO()))
         stage = _stage_progress(progress, verify)
         merger = Merger(chain, report, io, batch_bytes, use_copy_range, stage.merge)
@@ -135,6 +132,13 @@ def coalesce(
         report.warnings = warnings + report.warnings
         report.seconds = time.perf_counter() - started
         return report
+
+
+def _new_report(chain: MergeChain) -> CoalesceReport:
+    target = chain.target
+    return CoalesceReport(child=chain.leaf.path, target=target.path, target_type=target.disk_type.label,
+                          merged_layers=[layer.path for layer in chain.sources], backend=K.BACKEND, block_size=0,
+                          target_size_before=target.file_size)
 
 
 def _search_dirs(chain: MergeChain, search_dirs: Sequence[str | os.PathLike[str]] | None) -> list[str]:
