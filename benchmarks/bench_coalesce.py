@@ -136,7 +136,10 @@ def once(case: dict, snap: ParentSnapshot, **kw) -> tuple[float, dict]:
     snap.restore()
     os.sync()
     t = time.perf_counter()
-    rep = vhdcore.coalesce(case["child"], parent_dirs=[os.path.dirname(case["parent"])], **kw)
+    # The 64k and 4k children share one parent (built once), each in a sibling directory of it: each is a
+    # dependent the other's coalesce would refuse, so the refusal is overridden (the check still runs).
+    rep = vhdcore.coalesce(case["child"], parent_dirs=[os.path.dirname(case["parent"])],
+                           force=["other-children"], **kw)
     return time.perf_counter() - t, rep.to_dict()
 
 
@@ -249,7 +252,7 @@ def rss_child(workdir: Path, gib: int) -> dict[str, Any]:
     os.sync()
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over execve, so a child would report this process's peak.
     hwm = "int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-    code = ("import sys,time,vhdcore,vhdcore.coalesce\n"
+    code = ("import sys,time,vhdcore,vhdcore.ops.coalesce\n"
             f"base={hwm}\n"
             "t=time.perf_counter(); r=vhdcore.coalesce(sys.argv[1]); t=time.perf_counter()-t\n"
             f"print({hwm}, r.bytes_copied, t, base)")

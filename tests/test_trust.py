@@ -284,7 +284,7 @@ def test_a_hostile_journal_is_refused_and_nothing_is_touched(tmp_path, variant) 
 def test_kill_between_unlinking_the_child_and_the_journal_reruns_cleanly(tmp_path, monkeypatch) -> None:
     import sys
 
-    C = sys.modules["vhdcore.coalesce"]
+    C = sys.modules["vhdcore.ops.coalesce"]
     paths, model = build_chain(tmp_path, 3, size=2 * MiB, block_size=512 * 1024, writes=10, seed=13)
     base, leaf = paths[0], paths[-1]
     real_unlink = os.unlink
@@ -345,11 +345,11 @@ def test_snapshot_and_coalesce_exclude_each_other(tmp_path, monkeypatch) -> None
 
     from vhdcore.exceptions import LockError, UnsafeOperationError
 
-    C = sys.modules["vhdcore.coalesce"]
-    create_mod = sys.modules["vhdcore.create"]
+    C = sys.modules["vhdcore.ops.coalesce"]
+    create_mod = sys.modules["vhdcore.ops.create"]
     paths, model = build_chain(tmp_path, 3, size=2 * MiB, block_size=512 * 1024, writes=10, seed=3)
     base, mid, leaf = paths
-    real_check = C._check_safety
+    real_check = C.check_safety
     seen: list[str] = []
 
     def snapshot_during_coalesce(parent: Path, child: Path):
@@ -368,17 +368,17 @@ def test_snapshot_and_coalesce_exclude_each_other(tmp_path, monkeypatch) -> None
     monkeypatch.setattr(create_mod, "_after_parent_locked", None)
     assert file_sha256(mid) == mid_before and not (tmp_path / "s0.vhd").exists()
     #    ... and the reverse: a snapshot of the middle layer while a coalesce writes into it is refused.
-    monkeypatch.setattr(C, "_check_safety", snapshot_during_coalesce(mid, tmp_path / "s1.vhd"))
+    monkeypatch.setattr(C, "check_safety", snapshot_during_coalesce(mid, tmp_path / "s1.vhd"))
     coalesce(leaf)
     assert seen == ["s1.vhd"] and not (tmp_path / "s1.vhd").exists()
     # 2. a snapshot of the leaf while coalesce --remove-child deletes it: refused (was: left orphaned).
-    monkeypatch.setattr(C, "_check_safety", snapshot_during_coalesce(leaf, tmp_path / "s2.vhd"))
+    monkeypatch.setattr(C, "check_safety", snapshot_during_coalesce(leaf, tmp_path / "s2.vhd"))
     rep = coalesce(leaf, remove_child=True)
     assert seen == ["s1.vhd", "s2.vhd"] and rep.removed == [str(leaf)]
     assert not (tmp_path / "s2.vhd").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert content(mid) == bytes(model)
     # 3. a snapshot that completed before the coalesce is a dependent: the coalesce into its parent is refused.
-    monkeypatch.setattr(C, "_check_safety", real_check)
+    monkeypatch.setattr(C, "check_safety", real_check)
     vhdcore.snapshot(base, tmp_path / "s3.vhd").close()
     with pytest.raises(UnsafeOperationError, match="s3.vhd"):
         coalesce(mid)
