@@ -32,12 +32,15 @@ from .. import kernels as K
 from ..disk.chain import Disk, open_chain
 from .digests import XXH3Manifest
 from ..exceptions import CorruptImageError, InvalidFormatError, UnsupportedFeatureError, VHDError
-from ..disk.image import MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE, _is_pow2, zero_fill
+from ..disk.image import zero_fill
+from ..format import rules as R
 from .packages import iter_content
 from ..progress import ProgressCallback, as_progress
 from ..format.structs import (
+    FOOTER,
     FOOTER_COOKIE,
     FOOTER_SIZE,
+    HEADER,
     HEADER_SIZE,
     SECTOR_SIZE,
     UNUSED_BAT_ENTRY,
@@ -99,8 +102,9 @@ class _Mismatch(Exception):
 # --------------------------------------------------------------------------------------------- readers
 
 
-class _Reader:
-    """Exact reads, skips and a peek over a binary stream; counts the position."""
+class _ArtifactStream:
+    """An exported artifact's bytes as they arrive (after decompression), read once and in order: exact reads,
+    forward skips and a peek; counts the position."""
 
     def __init__(self, f: IO[bytes], name: str) -> None:
         self.f = f
@@ -243,7 +247,7 @@ class _DiskSource(_Source):
 class _StreamSource(_Source):
     """A package stream (vhd, fixed or raw) read once, in order."""
 
-    def __init__(self, name: str, reader: _Reader, compression: str) -> None:
+    def __init__(self, name: str, reader: _ArtifactStream, compression: str) -> None:
         super().__init__(name)
         self.reader = reader
         self.compression = compression
@@ -300,24 +304,28 @@ class _StreamSource(_Source):
         if footer.type != DiskType.DYNAMIC:
             raise UnsupportedFeatureError(
                 f"a {footer.type.label} VHD stream cannot be verified on its own (a differencing disk needs its "
-                "parents: verify the chain-tar, or the files)", path=name, offset=60, field="footer.disk_type",
-                value=int(footer.disk_type))
+                "parents: verify the chain-tar, or the files)", path=name, offset=FOOTER.offset("disk_type"),
+                field=FOOTER.field("disk_type"), value=int(footer.disk_type))
         size = footer.current_size
-        if size > MAX_VIRTUAL_SIZE or size % SECTOR_SIZE:
+        p = R.virtual_size_problem(size)
+        if p is not None:
             raise InvalidFormatError("virtual size must be a multiple of 512 and at most 2 TiB", path=name,
-                                     offset=48, field="footer.current_size", value=size)
+                                     offset=p.offset, field=p.field, value=size)
         hoff = footer.data_offset
         r.skip_to(hoff, "header")
         h = DynamicHeader.parse(r.read_exact(HEADER_SIZE, "header"), path=name, offset=hoff)
         bs = h.block_size
-        if not (_is_pow2(bs) and MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE):
+        p = R.block_size_problem(bs)
+        if p is not None:
             raise InvalidFormatError("block size must be a power of two from 512 B to 256 MiB", path=name,
-                                     offset=hoff + 32, field="header.block_size", value=bs)
-        needed = -(-size // bs)
+                                     offset=hoff + p.offset, field=p.field, value=bs)
+        needed = R.entries_needed(size, bs)
         mte = h.max_table_entries
-        if not needed <= mte <= min(MAX_BAT_ENTRIES, needed + (1 << 20)):
+        if R.table_entries_problem(mte, size, bs) is not None:
+            # One message for every table-size problem, on the field that holds the count.
             raise InvalidFormatError(f"max table entries must be at least {needed} and not absurdly more",
-                                     path=name, offset=hoff + 28, field="header.max_table_entries", value=mte)
+                                     path=name, offset=hoff + HEADER.offset("max_table_entries"),
+                                     field=HEADER.field("max_table_entries"), value=mte)
         r.skip_to(h.table_offset, "BAT")
         bat = np.frombuffer(r.read_exact(mte * 4, "BAT"), dtype=">u4").astype(np.int64)[:needed]
         blocks = np.flatnonzero(bat != UNUSED_BAT_ENTRY)
@@ -347,7 +355,7 @@ class _StreamSource(_Source):
             raise CorruptImageError("stream ends before the footer", path=name, offset=r.pos, field="footer")
 
 
-def _extract_chain_tar(reader: _Reader, name: str, directory: str, limits: TarLimits | None = None,
+def _extract_chain_tar(reader: _ArtifactStream, name: str, directory: str, limits: TarLimits | None = None,
                        first: tuple[str, int] | None = None, rest: Iterator[tuple[str, int]] | None = None) -> str:
     """Extract a chain-tar stream (members N.vhd, regular files only; every size bounded: vhdcore.delivery.tarstream) into
     ``directory``; returns 0.vhd's path."""
@@ -360,9 +368,9 @@ def _extract_chain_tar(reader: _Reader, name: str, directory: str, limits: TarLi
 
 
 class _Member(io.RawIOBase):
-    """The next ``size`` bytes of a _Reader, then end of file: one tar member read in place."""
+    """The next ``size`` bytes of an _ArtifactStream, then end of file: one tar member read in place."""
 
-    def __init__(self, reader: _Reader, size: int) -> None:
+    def __init__(self, reader: _ArtifactStream, size: int) -> None:
         self._r = reader
         self._left = size
 
@@ -383,7 +391,7 @@ class _FixedMemberSource(_StreamSource):
     """A chain-tar whose leaf 0.vhd is a fixed VHD: a fixed disk has no parent, so the chain is that one member,
     verified as it streams (content, then its footer) without being extracted."""
 
-    def __init__(self, name: str, reader: _Reader, compression: str) -> None:
+    def __init__(self, name: str, reader: _ArtifactStream, compression: str) -> None:
         super().__init__(name, reader, compression)
         self.kind = "raw"
 
@@ -396,9 +404,9 @@ class _FixedMemberSource(_StreamSource):
 
 
 class _Unpeek(io.RawIOBase):
-    """The bytes a _Reader peeked at, then the rest of its stream (for consumers that need a plain file)."""
+    """The bytes an _ArtifactStream peeked at, then the rest of its stream (for consumers that need a plain file)."""
 
-    def __init__(self, reader: _Reader) -> None:
+    def __init__(self, reader: _ArtifactStream) -> None:
         self._r = reader
 
     def readable(self) -> bool:
@@ -450,14 +458,14 @@ def _open_source(spec: str, *, parent_dirs: Sequence[str] | None, strict: bool, 
             f.close()
             return _ManifestSource(text, _open_manifest_bytes(data, text))
         stream, compression = _decompressed(f, text)
-        reader = _Reader(stream, text)
+        reader = _ArtifactStream(stream, text)
         if reader.peek(TAR_BLOCK)[257:262] == b"ustar":
             it = tar_members(reader, text, tar_limits)
             first = next(it, None)
             if first is not None and first[0] == "0.vhd" and first[1] >= FOOTER_SIZE \
                     and reader.peek(8) != FOOTER_COOKIE:
                 # Not a dynamic/differencing disk (those start with their footer copy): a fixed base, streamed.
-                src = _FixedMemberSource(text, _Reader(_Member(reader, first[1]), text), compression)
+                src = _FixedMemberSource(text, _ArtifactStream(_Member(reader, first[1]), text), compression)
                 src._cleanup.append(f.close)
                 src._cleanup.append(stream.close)
                 return src

@@ -26,7 +26,7 @@ from .extents import Extent, merge_zero_runs
 from ..format.geometry import vhd_timestamp
 from ..fileio import zero_fill
 from .image import NOT_HERE, Image
-from ..format.structs import SECTOR_SIZE
+from ..format.structs import HEADER, SECTOR_SIZE
 
 # Deeper chains exist nowhere in practice; a longer one is a loop through copies or a hostile file.
 MAX_CHAIN_DEPTH = 128
@@ -176,13 +176,13 @@ def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
     if mismatched:
         raise ParentMismatchError(
             f"parent found but its unique id is not the {expected} this disk records ({'; '.join(mismatched)}):"
-            " the parent was replaced or modified", path=child.path, offset=hoff + 40,
-            field="header.parent_unique_id", value=str(expected))
+            " the parent was replaced or modified", path=child.path, offset=hoff + HEADER.offset("parent_unique_id"),
+            field=HEADER.field("parent_unique_id"), value=str(expected))
     raise ParentNotFoundError(
         "parent disk not found in the allowed directories (the child's own, those above it that a relative "
         "locator climbs to, and --parent-dir ones); if it lies elsewhere, name its directory with --parent-dir DIR "
-        "(parent_dirs= in Python)", tried=tried, path=child.path, offset=hoff + 64,
-        field="header.parent_unicode_name", value=child.header.parent_unicode_name)
+        "(parent_dirs= in Python)", tried=tried, path=child.path, offset=hoff + HEADER.offset("parent_unicode_name"),
+        field=HEADER.field("parent_unicode_name"), value=child.header.parent_unicode_name)
 
 
 class Disk:
@@ -425,7 +425,8 @@ def open_layers(
                 raise ParentNotFoundError(
                     f"parent {ppath} turned out to be {escaped}, outside the allowed directories (the path "
                     "changed after it was checked); refused (name its directory with --parent-dir DIR if meant)", tried=[f"{ppath} -> {escaped}"], path=img.path,
-                    offset=img.footer.data_offset + 64, field="header.parent_unicode_name",
+                    offset=img.footer.data_offset + HEADER.offset("parent_unicode_name"),
+                    field=HEADER.field("parent_unicode_name"),
                     value=img.header.parent_unicode_name)
             if _identity(parent) in seen:
                 parent.close()
@@ -436,8 +437,9 @@ def open_layers(
             if parent.unique_id != img.header.parent_unique_id and not accept_other_id:
                 raise ParentMismatchError(
                     f"parent {ppath} has unique id {parent.unique_id}, the child records "
-                    f"{img.header.parent_unique_id}", path=img.path, offset=img.footer.data_offset + 40,
-                    field="header.parent_unique_id", value=str(img.header.parent_unique_id))
+                    f"{img.header.parent_unique_id}", path=img.path,
+                    offset=img.footer.data_offset + HEADER.offset("parent_unique_id"),
+                    field=HEADER.field("parent_unique_id"), value=str(img.header.parent_unique_id))
             recorded = img.header.parent_timestamp
             if recorded:  # Windows records 0: nothing to compare
                 mtime = vhd_timestamp(os.stat(ppath).st_mtime)

@@ -30,11 +30,14 @@ from ..exceptions import (
 )
 from ..fileio import preadinto_exact, pwrite_all, zero_fill  # noqa: F401 - zero_fill is re-exported
 from ..format.geometry import Geometry
+from ..format import rules as R
+from ..format.rules import MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE  # noqa: F401 - re-exported
 from ..format.structs import (
+    FOOTER,
     FOOTER_SIZE,
+    HEADER,
     HEADER_SIZE,
     MAX_LOCATOR_BYTES,
-    NO_DATA_OFFSET,
     SECTOR_SIZE,
     UNUSED_BAT_ENTRY,
     BatmapHeader,
@@ -42,17 +45,10 @@ from ..format.structs import (
     DynamicHeader,
     Footer,
     ParentLocator,
+    Table,
     bitmap_bytes,
-    checksum,
 )
 
-# The format's own ceiling (the specification allows 2040 GB); a larger size field is corrupt or hostile.
-MAX_VIRTUAL_SIZE = 2 * 1024**4
-MAX_BLOCK_SIZE = 256 * 1024**2
-MIN_BLOCK_SIZE = SECTOR_SIZE
-# 2040 GiB in 128 KiB blocks (real writers use 512 KiB or 2 MiB): a larger BAT would be 64+ MiB of memory
-# sized by an untrusted field.
-MAX_BAT_ENTRIES = 1 << 24
 # New blocks are placed so that their data (after the bitmap) starts on this boundary, as Windows does:
 # page-aligned data keeps reads, writes and copy_file_range on whole pages.
 BLOCK_DATA_ALIGNMENT = 4096
@@ -69,10 +65,6 @@ def _relative_locator(text: str) -> bool:
     if t.startswith("file://"):
         return t.startswith(("file://./", "file://../"))
     return not (t.startswith(("/", "\\")) or (len(t) > 1 and t[1] == ":"))
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 class Image:
@@ -116,11 +108,11 @@ class Image:
     def _warn(self, msg: str) -> None:
         self.warnings.append(msg)
 
-    def _note_bad_checksum(self, raw: bytes, field_offset: int, stored: int, structure: str, offset: int) -> None:
+    def _note_bad_checksum(self, raw: bytes, table: Table, stored: int, structure: str, offset: int) -> None:
         """In non-strict mode a wrong checksum is accepted, but the caller must still hear about it."""
-        if not self.strict and checksum(raw, field_offset) != stored:
+        if not self.strict and table.checksum(raw) != stored:
             self._warn(f"{structure} at offset {offset} has a wrong checksum (stored 0x{stored:08x}, computed "
-                       f"0x{checksum(raw, field_offset):08x}); accepted because strict checking is off")
+                       f"0x{table.checksum(raw):08x}); accepted because strict checking is off")
 
     def _read_footer(self) -> None:
         size = self.file_size
@@ -140,7 +132,7 @@ class Image:
                 raw += b"\0"
             try:
                 self.footer = Footer.parse(raw, path=self.path, offset=off, verify_checksum=verify)
-                self._note_bad_checksum(raw, 64, self.footer.checksum, "footer", off)
+                self._note_bad_checksum(raw, FOOTER, self.footer.checksum, "footer", off)
             except ChecksumError as e:
                 errors.append(e)
                 continue
@@ -158,7 +150,7 @@ class Image:
                 errors.append(e)
             else:
                 if copy.type != DiskType.FIXED:
-                    self._note_bad_checksum(raw, 64, copy.checksum, "footer", 0)
+                    self._note_bad_checksum(raw, FOOTER, copy.checksum, "footer", 0)
                     if self.writable:
                         raise CorruptImageError(
                             "the footer at the end of the file is missing or torn (an interrupted write?); "
@@ -187,9 +179,10 @@ class Image:
         self.geometry = Geometry.unpack(f.geometry)
         if f.saved_state:
             self._warn("disk is in saved state")
-        if self.size > MAX_VIRTUAL_SIZE or self.size % SECTOR_SIZE:
+        bad_size = R.virtual_size_problem(self.size)
+        if bad_size is not None:
             raise InvalidFormatError("virtual size must be a multiple of 512 and at most 2 TiB", path=self.path,
-                                     offset=self._footer_field_offset(48), field="footer.current_size",
+                                     offset=self._footer_field_offset(bad_size.offset), field=bad_size.field,
                                      value=self.size)
         self.header: DynamicHeader | None = None
         self.batmap: BatmapHeader | None = None
@@ -213,42 +206,47 @@ class Image:
     def _load_dynamic(self) -> None:
         f = self.footer
         hoff = f.data_offset
-        if hoff == NO_DATA_OFFSET or hoff % SECTOR_SIZE or hoff + HEADER_SIZE > self.file_size:
+        # Offset 0 (the footer copy) is left to the header's cookie check, which names it better.
+        bad = [p for p in R.header_offset_problems(hoff, self.file_size) if p.kind != R.HEADER_IN_FOOTER_COPY]
+        if bad:
             raise CorruptImageError("dynamic header offset outside the file", path=self.path,
-                                    offset=self._footer_field_offset(16), field="footer.data_offset", value=hoff)
+                                    offset=self._footer_field_offset(bad[0].offset), field=bad[0].field, value=hoff)
         raw = self.pread(hoff, HEADER_SIZE)
         self.header = h = DynamicHeader.parse(raw, path=self.path, offset=hoff, verify_checksum=self.strict)
-        self._note_bad_checksum(raw, 36, h.checksum, "dynamic header", hoff)
+        self._note_bad_checksum(raw, HEADER, h.checksum, "dynamic header", hoff)
         bs = h.block_size
-        if not (_is_pow2(bs) and MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE):
+        p = R.block_size_problem(bs)
+        if p is not None:
             raise InvalidFormatError("block size must be a power of two number of sectors, 512 B to 256 MiB",
-                                     path=self.path, offset=hoff + 32, field="header.block_size", value=bs)
+                                     path=self.path, offset=hoff + p.offset, field=p.field, value=bs)
         self.block_size = bs
         self.sectors_per_block = bs // SECTOR_SIZE
         self.bitmap_size = bitmap_bytes(bs)
         mte = h.max_table_entries
-        needed = -(-self.size // bs)
-        if mte < needed:
+        needed = R.entries_needed(self.size, bs)
+        # Before the BAT is read: a hostile count must not size an allocation, even in a large sparse file.
+        p = R.table_entries_problem(mte, self.size, bs)
+        if p is not None and p.kind == R.TOO_FEW_ENTRIES:
             raise InvalidFormatError(f"max table entries too small for the disk size (needs {needed})",
-                                     path=self.path, offset=hoff + 28, field="header.max_table_entries", value=mte)
-        if needed > MAX_BAT_ENTRIES:
+                                     path=self.path, offset=hoff + p.offset, field=p.field, value=mte)
+        if p is not None and p.kind == R.BAT_OVER_LIMIT:
             raise UnsupportedFeatureError(f"a BAT of {needed} entries is over vhdcore's limit of {MAX_BAT_ENTRIES}"
                                           " (block size too small for the virtual size)", path=self.path,
-                                          offset=hoff + 32, field="header.block_size", value=bs)
-        # Before the BAT is read: a hostile count must not size an allocation, even in a large sparse file.
-        if mte > needed + (1 << 20) or mte > MAX_BAT_ENTRIES:
+                                          offset=hoff + p.offset, field=p.field, value=bs)
+        if p is not None:
             raise InvalidFormatError("max table entries absurdly larger than the disk needs", path=self.path,
-                                     offset=hoff + 28, field="header.max_table_entries", value=mte)
-        # Bounded by the file too: the BAT must fit in it.
+                                     offset=hoff + p.offset, field=p.field, value=mte)
+        # Bounded by the file too: the BAT must fit in it. (A BAT over the header is left to the block checks.)
         to = h.table_offset
         bat_bytes = mte * 4
-        if to % SECTOR_SIZE or to < 0 or to + bat_bytes > self.file_size:
-            raise CorruptImageError("BAT does not fit in the file", path=self.path, offset=hoff + 16,
-                                    field="header.table_offset", value=to)
+        bad = [p for p in R.table_offset_problems(to, mte, hoff, self.file_size) if p.kind != R.TABLE_OVER_METADATA]
+        if bad:
+            raise CorruptImageError("BAT does not fit in the file", path=self.path, offset=hoff + bad[0].offset,
+                                    field=bad[0].field, value=to)
         self.max_table_entries = mte
         raw = self.pread(to, bat_bytes)
         self.bat = np.frombuffer(raw, dtype=">u4").astype(np.uint32)
-        bat_end = to + -(-bat_bytes // SECTOR_SIZE) * SECTOR_SIZE
+        bat_end = to + R.table_bytes(mte)
         meta_end = max(hoff + HEADER_SIZE, bat_end, FOOTER_SIZE)
         self.parent_locators: list[ParentLocator] = []
         if self.disk_type == DiskType.DIFFERENCING:
@@ -260,7 +258,8 @@ class Image:
                 if 0 < loc.data_offset and end <= self.file_size and loc.data_space_bytes <= MAX_LOCATOR_BYTES:
                     meta_end = max(meta_end, -(-end // SECTOR_SIZE) * SECTOR_SIZE)
         if f.creator_app == b"tap\0":
-            bm = BatmapHeader.parse(self.pread(bat_end, 512)) if bat_end + 512 <= self.file_size else None
+            bm = (BatmapHeader.parse(self.pread(bat_end, SECTOR_SIZE)) if bat_end + SECTOR_SIZE <= self.file_size
+                  else None)
             if bm is not None:
                 self.batmap = bm
                 meta_end = max(meta_end, bat_end + SECTOR_SIZE, bm.end if bm.end <= self.file_size else 0)

@@ -1,7 +1,10 @@
 """VHD on-disk structures: the footer, the dynamic disk header and its parent locators, the blktap batmap.
 
-Each structure is parsed from bytes and packed to bytes with no I/O, so every structure can be tested from a
-blob. Parsing verifies cookies and checksums; packing writes the checksum.
+Each structure is declared once, as a field table in the manner of the specification's (offset, name, format);
+everything that needs a field's offset, format or name takes it from the table: the lenient parse (``TABLE.unpack``:
+every field as stored, whatever it holds, for ``check``), the strict parse (``Footer.parse`` and friends: cookie,
+checksum and version verified), the packers, and the offsets that error messages and findings name. Parsing and
+packing do no I/O, so every structure can be tested from a blob.
 
 References: Microsoft "Virtual Hard Disk Image Format Specification" v1.0 (2006), sections "Hard Disk Footer
 Format" and "Dynamic Disk Header Format"; blktap vhd-util (libvhd) for the batmap extension.
@@ -11,8 +14,9 @@ from __future__ import annotations
 import enum
 import struct
 import uuid
+from collections import namedtuple
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterable
 
 from ..exceptions import ChecksumError, CorruptImageError, InvalidFormatError
 
@@ -60,11 +64,8 @@ class DiskType(enum.IntEnum):
         return self.name.lower()
 
 
-_FOOTER = struct.Struct(">8sIIQI4sI4sQQIII16sB427s")
-_HEADER = struct.Struct(">8sQQIIII16sII512s192s256s")
-_LOCATOR = struct.Struct(">4sIIIQ")
-_BATMAP = struct.Struct(">8sQIII")  # cookie, batmap offset, size in sectors, version, checksum
-assert _FOOTER.size == FOOTER_SIZE and _HEADER.size == HEADER_SIZE and _LOCATOR.size == 24
+# The disk types a footer may hold (0 is "none", 1, 5 and 6 are deprecated).
+DISK_TYPES = (DiskType.FIXED, DiskType.DYNAMIC, DiskType.DIFFERENCING)
 
 
 def checksum(data: bytes | bytearray | memoryview, field_offset: int) -> int:
@@ -72,6 +73,159 @@ def checksum(data: bytes | bytearray | memoryview, field_offset: int) -> int:
     mv = memoryview(data)
     total = sum(mv[:field_offset]) + sum(mv[field_offset + 4 :])
     return (~total) & 0xFFFFFFFF
+
+
+def version_supported(version: int) -> bool:
+    """The footer's format version and the dynamic header's version: major version 1, any minor."""
+    return version >> 16 == 1
+
+
+# --------------------------------------------------------------------------------------------- field tables
+
+
+@dataclass(frozen=True)
+class Field:
+    """One row of a structure's table: where the field is, what it is called, its ``struct`` format (big-endian)."""
+
+    offset: int
+    name: str
+    format: str
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize(">" + self.format)
+
+
+class Table:
+    """An on-disk structure declared as its rows, in order; ``prefix`` names it in error fields ("footer.checksum").
+
+    Building the table checks that each row starts where the previous one ends and that the rows fill ``size``
+    bytes, so an offset written in a row cannot drift from the formats.
+    """
+
+    def __init__(self, prefix: str, size: int, rows: Iterable[tuple[int, str, str]]) -> None:
+        self.prefix = prefix
+        self.size = size
+        self.fields = tuple(Field(*row) for row in rows)
+        pos = 0
+        for f in self.fields:
+            if f.offset != pos:
+                raise AssertionError(f"{prefix}.{f.name} is declared at {f.offset}, the rows before end at {pos}")
+            pos += f.size
+        if pos != size:
+            raise AssertionError(f"the {prefix} rows take {pos} bytes, not {size}")
+        self.names = tuple(f.name for f in self.fields)
+        self._rows = {f.name: f for f in self.fields}
+        self.struct = struct.Struct(">" + "".join(f.format for f in self.fields))
+        # The lenient parse's result: every field by name, as stored.
+        self.Record = namedtuple(prefix.title().replace(" ", "") + "Fields", self.names)  # type: ignore[misc]
+
+    def row(self, name: str) -> Field:
+        return self._rows[name]
+
+    def offset(self, name: str) -> int:
+        """Byte offset of field ``name`` from the start of the structure."""
+        return self._rows[name].offset
+
+    def field(self, name: str) -> str:
+        """The field's name as errors and findings give it: "footer.current_size"."""
+        self._rows[name]  # an unknown name is a programming error, not a new field
+        return f"{self.prefix}.{name}"
+
+    def unpack(self, data: bytes | bytearray | memoryview, base: int = 0) -> Any:
+        """The lenient parse: every field as stored (no cookie, checksum or range check) of the structure at
+        ``base`` in ``data``."""
+        return self.Record._make(self.struct.unpack_from(data, base))
+
+    def pack(self, **values: Any) -> bytearray:
+        """The structure's bytes from a value for every field (no checksum computed)."""
+        return bytearray(self.struct.pack(*(values[n] for n in self.names)))
+
+    def get(self, data: bytes | bytearray | memoryview, name: str, base: int = 0) -> Any:
+        """One field of the structure that starts at ``base`` in ``data``."""
+        f = self._rows[name]
+        return struct.unpack_from(">" + f.format, data, base + f.offset)[0]
+
+    def put(self, buf: bytearray | memoryview, name: str, value: Any, base: int = 0) -> None:
+        f = self._rows[name]
+        struct.pack_into(">" + f.format, buf, base + f.offset, value)
+
+    def slice(self, name: str, base: int = 0) -> slice:
+        """Where field ``name`` lies in a buffer holding the structure at ``base``."""
+        f = self._rows[name]
+        return slice(base + f.offset, base + f.offset + f.size)
+
+    def checksum(self, data: bytes | bytearray | memoryview) -> int:
+        """The checksum the structure's bytes should carry (its checksum field counted as zero)."""
+        return checksum(data, self._rows["checksum"].offset)
+
+    def sealed(self, data: bytes | bytearray | memoryview) -> bytes:
+        """``data`` with its checksum field set to the checksum of the rest."""
+        buf = bytearray(data)
+        self.put(buf, "checksum", 0)
+        self.put(buf, "checksum", self.checksum(buf))
+        return bytes(buf)
+
+
+# Hard Disk Footer Format (the spec's table); at the end of every VHD and, for dynamic disks, copied at offset 0.
+FOOTER = Table("footer", FOOTER_SIZE, (
+    (0, "cookie", "8s"),
+    (8, "features", "I"),
+    (12, "format_version", "I"),
+    (16, "data_offset", "Q"),
+    (24, "timestamp", "I"),
+    (28, "creator_app", "4s"),
+    (32, "creator_version", "I"),
+    (36, "creator_os", "4s"),
+    (40, "original_size", "Q"),
+    (48, "current_size", "Q"),
+    (56, "geometry", "I"),
+    (60, "disk_type", "I"),
+    (64, "checksum", "I"),
+    (68, "unique_id", "16s"),
+    (84, "saved_state", "B"),
+    (85, "reserved", "427s"),
+))
+
+# Parent Locator Entry: eight of them fill the header's parent_locators field.
+LOCATOR = Table("parent locator", 24, (
+    (0, "platform_code", "4s"),
+    (4, "data_space", "I"),
+    (8, "data_length", "I"),
+    (12, "reserved", "I"),
+    (16, "data_offset", "Q"),
+))
+
+# Dynamic Disk Header Format, at the footer's data_offset.
+HEADER = Table("header", HEADER_SIZE, (
+    (0, "cookie", "8s"),
+    (8, "data_offset", "Q"),
+    (16, "table_offset", "Q"),
+    (24, "header_version", "I"),
+    (28, "max_table_entries", "I"),
+    (32, "block_size", "I"),
+    (36, "checksum", "I"),
+    (40, "parent_unique_id", "16s"),
+    (56, "parent_timestamp", "I"),
+    (60, "reserved1", "I"),
+    (64, "parent_unicode_name", f"{PARENT_NAME_BYTES}s"),
+    (576, "parent_locators", f"{LOCATOR_SLOTS * LOCATOR.size}s"),
+    (768, "reserved2", "256s"),
+))
+
+# blktap's batmap header (libvhd), in the sector after the BAT; the rest of that sector is zeros.
+BATMAP = Table("batmap", 28, (
+    (0, "cookie", "8s"),
+    (8, "batmap_offset", "Q"),
+    (16, "batmap_size", "I"),  # sectors
+    (20, "batmap_version", "I"),
+    (24, "checksum", "I"),
+))
+
+
+def locator_entry_offset(slot: int) -> int:
+    """Offset of parent locator entry ``slot`` from the start of the dynamic header."""
+    return HEADER.offset("parent_locators") + slot * LOCATOR.size
 
 
 def _require(cond: bool, msg: str, *, path: Any, offset: int | None, field: str, value: Any) -> None:
@@ -119,38 +273,37 @@ class Footer:
             raise InvalidFormatError(
                 f"footer needs {FOOTER_SIZE} bytes, got {len(data)}", path=path, offset=offset, field="footer"
             )
-        (cookie, features, version, data_offset, timestamp, app, app_ver, host_os, orig, cur, geo, dtype,
-         csum, uid, saved, reserved) = _FOOTER.unpack(data)
-        _require(cookie == FOOTER_COOKIE, "not a VHD footer (bad cookie)", path=path, offset=offset,
-                 field="footer.cookie", value=cookie)
+        rec = FOOTER.unpack(data)
+        _require(rec.cookie == FOOTER_COOKIE, "not a VHD footer (bad cookie)", path=path, offset=offset,
+                 field=FOOTER.field("cookie"), value=rec.cookie)
         if verify_checksum:
-            actual = checksum(data, 64)
-            if actual != csum:
+            actual = FOOTER.checksum(data)
+            if actual != rec.checksum:
                 raise ChecksumError(
-                    f"footer checksum mismatch: stored 0x{csum:08x}, computed 0x{actual:08x}",
-                    structure="footer", expected=csum, actual=actual, path=path, offset=_at(offset, 64),
-                    field="footer.checksum", value=csum,
+                    f"footer checksum mismatch: stored 0x{rec.checksum:08x}, computed 0x{actual:08x}",
+                    structure="footer", expected=rec.checksum, actual=actual, path=path,
+                    offset=_at(offset, FOOTER.offset("checksum")), field=FOOTER.field("checksum"), value=rec.checksum,
                 )
-        _require(version >> 16 == 1, "unsupported footer format version", path=path, offset=_at(offset, 12),
-                 field="footer.format_version", value=version)
-        _require(dtype in (2, 3, 4), "unknown or deprecated disk type", path=path, offset=_at(offset, 60),
-                 field="footer.disk_type", value=dtype)
-        return cls(features, version, data_offset, timestamp, app, app_ver, host_os, orig, cur, geo, dtype,
-                   csum, uuid.UUID(bytes=uid), saved, cookie, reserved)
+        _require(version_supported(rec.format_version), "unsupported footer format version", path=path,
+                 offset=_at(offset, FOOTER.offset("format_version")), field=FOOTER.field("format_version"),
+                 value=rec.format_version)
+        _require(rec.disk_type in DISK_TYPES, "unknown or deprecated disk type", path=path,
+                 offset=_at(offset, FOOTER.offset("disk_type")), field=FOOTER.field("disk_type"), value=rec.disk_type)
+        return cls.from_fields(rec)
+
+    @classmethod
+    def from_fields(cls, rec: Any) -> "Footer":
+        """The footer of a lenient parse's fields, unchecked."""
+        return cls(**{**rec._asdict(), "unique_id": uuid.UUID(bytes=rec.unique_id)})
 
     def pack(self) -> bytes:
-        raw = bytearray(
-            _FOOTER.pack(self.cookie, self.features, self.format_version, self.data_offset, self.timestamp,
-                         self.creator_app, self.creator_version, self.creator_os, self.original_size,
-                         self.current_size, self.geometry, int(self.disk_type), 0, self.unique_id.bytes,
-                         self.saved_state, self.reserved)
-        )
-        struct.pack_into(">I", raw, 64, checksum(raw, 64))
-        return bytes(raw)
+        values = {name: getattr(self, name) for name in FOOTER.names}
+        values.update(disk_type=int(self.disk_type), checksum=0, unique_id=self.unique_id.bytes)
+        return FOOTER.sealed(FOOTER.pack(**values))
 
     def with_checksum(self) -> "Footer":
         """A copy whose checksum field is the one ``pack`` writes."""
-        return replace(self, checksum=struct.unpack_from(">I", self.pack(), 64)[0])
+        return replace(self, checksum=FOOTER.get(self.pack(), "checksum"))
 
     @property
     def type(self) -> DiskType:
@@ -192,13 +345,11 @@ class ParentLocator:
     reserved: int = 0
 
     @classmethod
-    def parse(cls, data: bytes) -> "ParentLocator":
-        code, space, length, reserved, off = _LOCATOR.unpack(data)
-        return cls(code, space, length, off, reserved)
+    def parse(cls, data: bytes, base: int = 0) -> "ParentLocator":
+        return cls(**LOCATOR.unpack(data, base)._asdict())
 
     def pack(self) -> bytes:
-        return _LOCATOR.pack(self.platform_code, self.data_space, self.data_length, self.reserved,
-                             self.data_offset)
+        return bytes(LOCATOR.pack(**{name: getattr(self, name) for name in LOCATOR.names}))
 
     @property
     def is_used(self) -> bool:
@@ -263,35 +414,40 @@ class DynamicHeader:
         if len(data) != HEADER_SIZE:
             raise CorruptImageError(f"dynamic header needs {HEADER_SIZE} bytes, got {len(data)} (file truncated)",
                                     path=path, offset=offset, field="header")
-        (cookie, data_off, table_off, version, mte, block_size, csum, puid, pts, res1, pname, locs,
-         res2) = _HEADER.unpack(data)
-        _require(cookie == HEADER_COOKIE, "not a dynamic disk header (bad cookie)", path=path, offset=offset,
-                 field="header.cookie", value=cookie)
+        rec = HEADER.unpack(data)
+        _require(rec.cookie == HEADER_COOKIE, "not a dynamic disk header (bad cookie)", path=path, offset=offset,
+                 field=HEADER.field("cookie"), value=rec.cookie)
         if verify_checksum:
-            actual = checksum(data, 36)
-            if actual != csum:
+            actual = HEADER.checksum(data)
+            if actual != rec.checksum:
                 raise ChecksumError(
-                    f"dynamic header checksum mismatch: stored 0x{csum:08x}, computed 0x{actual:08x}",
-                    structure="dynamic header", expected=csum, actual=actual, path=path,
-                    offset=_at(offset, 36), field="header.checksum", value=csum,
+                    f"dynamic header checksum mismatch: stored 0x{rec.checksum:08x}, computed 0x{actual:08x}",
+                    structure="dynamic header", expected=rec.checksum, actual=actual, path=path,
+                    offset=_at(offset, HEADER.offset("checksum")), field=HEADER.field("checksum"), value=rec.checksum,
                 )
-        _require(version >> 16 == 1, "unsupported dynamic header version", path=path, offset=_at(offset, 24),
-                 field="header.header_version", value=version)
-        locators = tuple(ParentLocator.parse(locs[i * 24 : (i + 1) * 24]) for i in range(LOCATOR_SLOTS))
-        return cls(data_off, table_off, version, mte, block_size, csum, uuid.UUID(bytes=puid), pts, pname,
-                   locators, res1, res2, cookie)
+        _require(version_supported(rec.header_version), "unsupported dynamic header version", path=path,
+                 offset=_at(offset, HEADER.offset("header_version")), field=HEADER.field("header_version"),
+                 value=rec.header_version)
+        return cls.from_fields(rec)
+
+    @classmethod
+    def from_fields(cls, rec: Any) -> "DynamicHeader":
+        """The header of a lenient parse's fields, unchecked."""
+        locators = tuple(ParentLocator.parse(rec.parent_locators, i * LOCATOR.size) for i in range(LOCATOR_SLOTS))
+        return cls(rec.data_offset, rec.table_offset, rec.header_version, rec.max_table_entries, rec.block_size,
+                   rec.checksum, uuid.UUID(bytes=rec.parent_unique_id), rec.parent_timestamp, rec.parent_unicode_name,
+                   locators, rec.reserved1, rec.reserved2, rec.cookie)
 
     def pack(self) -> bytes:
         locs = b"".join(loc.pack() for loc in self.parent_locators)
         locs += EMPTY_LOCATOR.pack() * (LOCATOR_SLOTS - len(self.parent_locators))
-        raw = bytearray(
-            _HEADER.pack(self.cookie, self.data_offset, self.table_offset, self.header_version,
-                         self.max_table_entries, self.block_size, 0, self.parent_unique_id.bytes,
-                         self.parent_timestamp, self.reserved1, self.parent_unicode_name_raw, locs,
-                         self.reserved2)
-        )
-        struct.pack_into(">I", raw, 36, checksum(raw, 36))
-        return bytes(raw)
+        raw = HEADER.pack(cookie=self.cookie, data_offset=self.data_offset, table_offset=self.table_offset,
+                          header_version=self.header_version, max_table_entries=self.max_table_entries,
+                          block_size=self.block_size, checksum=0, parent_unique_id=self.parent_unique_id.bytes,
+                          parent_timestamp=self.parent_timestamp, reserved1=self.reserved1,
+                          parent_unicode_name=self.parent_unicode_name_raw, parent_locators=locs,
+                          reserved2=self.reserved2)
+        return HEADER.sealed(raw)
 
     @property
     def parent_unicode_name(self) -> str:
@@ -341,12 +497,18 @@ class BatmapHeader:
 
     @classmethod
     def parse(cls, data: bytes) -> "BatmapHeader | None":
-        if len(data) < _BATMAP.size:
+        if len(data) < BATMAP.size:
             return None
-        cookie, off, size, version, csum = _BATMAP.unpack_from(data)
-        if cookie != BATMAP_COOKIE:
+        rec = BATMAP.unpack(data)
+        if rec.cookie != BATMAP_COOKIE:
             return None
-        return cls(off, size, version, csum)
+        return cls(rec.batmap_offset, rec.batmap_size, rec.batmap_version, rec.checksum)
+
+    def pack(self) -> bytes:
+        """The header's sector: the fields, then zeros."""
+        raw = BATMAP.pack(cookie=BATMAP_COOKIE, batmap_offset=self.batmap_offset, batmap_size=self.batmap_size,
+                          batmap_version=self.batmap_version, checksum=self.checksum)
+        return bytes(raw.ljust(SECTOR_SIZE, b"\0"))
 
     @property
     def end(self) -> int:

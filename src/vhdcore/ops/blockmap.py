@@ -20,7 +20,8 @@ import numpy as np
 
 from .. import kernels as K
 from ..disk.chain import Disk
-from ..disk.image import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, Image, _is_pow2
+from ..disk.image import Image
+from ..format.rules import MAX_BLOCK_SIZE, block_size_ok
 from ..format.structs import SECTOR_SIZE
 
 __all__ = ["Intervals", "BlockAllocation", "block_allocation", "grid_block_size", "host_data_runs", "FreeSectorMap",
@@ -210,7 +211,7 @@ def grid_block_size(disk: Disk, requested: int | None) -> tuple[int, str | None]
     """The block size of the grid (and of a compacted disk): ``requested``, else the leaf's (2 MiB for a fixed
     disk), made coarser when the disk would have more than MAX_GRID_BLOCKS blocks; returns it and a warning."""
     if requested is not None:
-        if not (_is_pow2(requested) and MIN_BLOCK_SIZE <= requested <= MAX_BLOCK_SIZE):
+        if not block_size_ok(requested):
             raise ValueError(f"block size must be a power of two from 512 bytes to 256 MiB, not {requested}")
         if -(-disk.size // requested) > MAX_GRID_BLOCKS:
             raise ValueError(f"block size {requested} cuts the {disk.size}-byte disk into more than "

@@ -23,26 +23,27 @@ import fcntl
 import os
 import stat
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..exceptions import ChainCycleError, InvalidFormatError, ParentMismatchError, ParentNotFoundError, VHDError
 from .. import kernels as K
-from ..format.geometry import MAX_GEOMETRY, VHD_EPOCH, Geometry, libvhd_chs, vhd_timestamp
-from ..disk.image import MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE, Image
+from ..format import rules as R
+from ..format.geometry import VHD_EPOCH, libvhd_chs, vhd_timestamp
+from ..format.rules import FORMAT_SIZE_LIMIT  # noqa: F401 - check's public name for the format's size limit
+from ..disk.image import Image
 from ..format.structs import (
-    FEATURE_RESERVED,
-    FEATURE_TEMPORARY,
+    BATMAP,
+    FOOTER,
     FOOTER_COOKIE,
     FOOTER_SIZE,
+    HEADER,
     HEADER_COOKIE,
     HEADER_SIZE,
     LOCATOR_SLOTS,
     MAX_LOCATOR_BYTES,
-    NO_DATA_OFFSET,
     SECTOR_SIZE,
     UNUSED_BAT_ENTRY,
     BatmapHeader,
@@ -50,18 +51,14 @@ from ..format.structs import (
     DynamicHeader,
     Footer,
     ParentLocator,
-    _FOOTER,
-    _HEADER,
     bitmap_bytes,
-    checksum,
+    version_supported,
 )
 
 ERROR = "error"
 WARNING = "warning"
 INFO = "info"
 
-# The format's limit (2040 GiB); vhdcore reads up to MAX_VIRTUAL_SIZE (2 TiB) but flags the excess.
-FORMAT_SIZE_LIMIT = 2040 * 1024**3
 # Clock skew between the host that wrote a disk and this one; later timestamps are "in the future".
 DEFAULT_TIME_SLACK = 3600
 # Per file and code: past this many, one summary finding says how many more there were.
@@ -246,78 +243,41 @@ class CheckReport:
 
 @dataclass
 class RawFooter:
-    """A footer's fields as stored, whatever they hold (``Footer.parse`` refuses bad ones)."""
+    """A footer's fields as stored, whatever they hold (``Footer.parse`` refuses bad ones): the lenient parse."""
 
     raw: bytes
     offset: int
-    cookie_ok: bool
-    checksum_ok: bool
-    stored_checksum: int
+    fields: Any  # FOOTER.Record: every field by its table name
     computed_checksum: int
-    fields: tuple
 
     @classmethod
     def parse(cls, raw: bytes, offset: int) -> "RawFooter":
         if len(raw) == FOOTER_SIZE - 1:
             raw = raw + b"\0"
-        fields = _FOOTER.unpack(raw)
-        stored = fields[12]
-        computed = checksum(raw, 64)
-        return cls(raw, offset, fields[0] == FOOTER_COOKIE, stored == computed, stored, computed, fields)
+        return cls(raw, offset, FOOTER.unpack(raw), FOOTER.checksum(raw))
+
+    @property
+    def cookie_ok(self) -> bool:
+        return self.fields.cookie == FOOTER_COOKIE
+
+    @property
+    def stored_checksum(self) -> int:
+        return self.fields.checksum
+
+    @property
+    def checksum_ok(self) -> bool:
+        return self.fields.checksum == self.computed_checksum
 
     @property
     def valid(self) -> bool:
         return self.cookie_ok and self.checksum_ok
 
-    @property
-    def features(self) -> int:
-        return self.fields[1]
-
-    @property
-    def version(self) -> int:
-        return self.fields[2]
-
-    @property
-    def data_offset(self) -> int:
-        return self.fields[3]
-
-    @property
-    def timestamp(self) -> int:
-        return self.fields[4]
-
-    @property
-    def current_size(self) -> int:
-        return self.fields[9]
-
-    @property
-    def geometry(self) -> int:
-        return self.fields[10]
-
-    @property
-    def disk_type(self) -> int:
-        return self.fields[11]
-
-    @property
-    def unique_id(self) -> uuid.UUID:
-        return uuid.UUID(bytes=self.fields[13])
-
-    @property
-    def saved_state(self) -> int:
-        return self.fields[14]
-
     def as_footer(self) -> Footer:
-        f = self.fields
-        return Footer(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12],
-                      uuid.UUID(bytes=f[13]), f[14], f[0], f[15])
-
-
-_FOOTER_FIELD_NAMES = ("cookie", "features", "format_version", "data_offset", "timestamp", "creator_app",
-                       "creator_version", "creator_os", "original_size", "current_size", "geometry", "disk_type",
-                       "checksum", "unique_id", "saved_state", "reserved")
+        return Footer.from_fields(self.fields)
 
 
 def differing_footer_fields(a: RawFooter, b: RawFooter) -> list[str]:
-    return [name for name, x, y in zip(_FOOTER_FIELD_NAMES, a.fields, b.fields) if x != y]
+    return [name for name in FOOTER.names if getattr(a.fields, name) != getattr(b.fields, name)]
 
 
 class _File:
@@ -451,10 +411,6 @@ def _pad(n: int) -> int:
     return -(-n // SECTOR_SIZE) * SECTOR_SIZE
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def analyse_file(path: str, *, time_slack: int = DEFAULT_TIME_SLACK, now: int | None = None,
                  probe_lock: bool = True) -> FileAnalysis:
     """Every structural finding about one file (no parent resolution). Raises only when the file cannot be
@@ -502,8 +458,9 @@ def _analyse(f: _File, a: FileAnalysis, c: _Collector, future: int) -> None:
     a.copy = copy
 
     # Which footer to trust for the layout: the end one when sound, else the copy at 0 (dynamic layouts only).
-    copy_usable = (copy is not None and copy.valid and copy.disk_type in (DiskType.DYNAMIC, DiskType.DIFFERENCING)
-                   and copy.version >> 16 == 1)
+    copy_usable = (copy is not None and copy.valid
+                   and copy.fields.disk_type in (DiskType.DYNAMIC, DiskType.DIFFERENCING)
+                   and version_supported(copy.fields.format_version))
     if end is not None and (end.checksum_ok or not copy_usable):
         trusted = end
     elif copy_usable:
@@ -511,7 +468,7 @@ def _analyse(f: _File, a: FileAnalysis, c: _Collector, future: int) -> None:
     else:
         trusted = None
     if end is not None and not end.checksum_ok:
-        c.add("FOOTER_CHECKSUM", end.offset + 64, "footer.checksum",
+        c.add("FOOTER_CHECKSUM", end.offset + FOOTER.offset("checksum"), FOOTER.field("checksum"),
               f"stored 0x{end.stored_checksum:08x}, computed 0x{end.computed_checksum:08x}"
               + ("; the copy at offset 0 is intact and 'vhdcore repair' restores the footer from it"
                  if copy_usable else ""), repairable=True)
@@ -530,8 +487,8 @@ def _analyse(f: _File, a: FileAnalysis, c: _Collector, future: int) -> None:
     a.footer = trusted
     if not _check_footer_fields(trusted, a, c, future):
         return
-    a.disk_type = trusted.disk_type
-    a.size = trusted.current_size
+    a.disk_type = trusted.fields.disk_type
+    a.size = trusted.fields.current_size
 
     if a.disk_type == DiskType.FIXED:
         _check_fixed(f, a, c)
@@ -542,40 +499,40 @@ def _analyse(f: _File, a: FileAnalysis, c: _Collector, future: int) -> None:
 def _check_footer_fields(ft: RawFooter, a: FileAnalysis, c: _Collector, future: int) -> bool:
     """Field checks of the trusted footer; False when the rest of the file cannot be interpreted."""
     o = ft.offset
-    if ft.version >> 16 != 1:
-        c.add("FOOTER_VERSION", o + 12, "footer.format_version", f"version 0x{ft.version:08x}, expected 0x00010000")
-        return False
-    if ft.disk_type not in (DiskType.FIXED, DiskType.DYNAMIC, DiskType.DIFFERENCING):
-        c.add("FOOTER_DISK_TYPE", o + 60, "footer.disk_type", f"disk type {ft.disk_type}")
-        return False
-    if not ft.features & FEATURE_RESERVED or ft.features & ~(FEATURE_RESERVED | FEATURE_TEMPORARY):
-        c.add("FOOTER_FEATURES", o + 8, "footer.features", f"features 0x{ft.features:08x}")
-    if ft.timestamp > future:
-        c.add("FOOTER_TIMESTAMP_FUTURE", o + 24, "footer.timestamp",
-              f"timestamp {ft.timestamp} is {_when(ft.timestamp)}")
-    size = ft.current_size
     ok = True
-    if size % SECTOR_SIZE or size > MAX_VIRTUAL_SIZE:
-        c.add("FOOTER_SIZE", o + 48, "footer.current_size", f"current size {size}")
-        ok = False
-    elif size > FORMAT_SIZE_LIMIT:
-        c.add("FOOTER_SIZE_LIMIT", o + 48, "footer.current_size", f"current size {size} is over 2040 GiB")
-    geo = Geometry.unpack(ft.geometry)
-    if geo != MAX_GEOMETRY and (geo.heads == 0 or geo.sectors_per_track == 0 or geo.size > size):
-        c.add("FOOTER_GEOMETRY", o + 56, "footer.geometry",
-              f"C/H/S {geo.cylinders}/{geo.heads}/{geo.sectors_per_track} ({geo.size} bytes) for a disk of {size}")
-    elif geo.pack() > libvhd_chs(size).pack():
-        # libvhd compares the packed fields (cylinders, then heads, then sectors), not the sizes they describe.
-        want = libvhd_chs(size)
-        c.add("FOOTER_GEOMETRY_TOO_LARGE", o + 56, "footer.geometry",
-              f"C/H/S {geo.cylinders}/{geo.heads}/{geo.sectors_per_track} is larger than the specification's "
-              f"{want.cylinders}/{want.heads}/{want.sectors_per_track} for a disk of {size} bytes")
-    if ft.saved_state:
-        c.add("FOOTER_SAVED_STATE", o + 84, "footer.saved_state", f"saved state {ft.saved_state}")
-    if ft.unique_id.int == 0:
-        c.add("FOOTER_UNIQUE_ID", o + 68, "footer.unique_id", "unique id is all zeros")
-    if ft.disk_type == DiskType.FIXED and ft.data_offset not in (NO_DATA_OFFSET, 0xFFFFFFFF):
-        c.add("FOOTER_DATA_OFFSET", o + 16, "footer.data_offset", f"data offset 0x{ft.data_offset:x}")
+    for p in R.footer_problems(ft.fields, future=future):
+        at = o + p.offset
+        if p.kind == R.FOOTER_VERSION:
+            c.add("FOOTER_VERSION", at, p.field, f"version 0x{p.value:08x}, expected 0x00010000")
+            return False
+        if p.kind == R.DISK_TYPE:
+            c.add("FOOTER_DISK_TYPE", at, p.field, f"disk type {p.value}")
+            return False
+        if p.kind == R.FEATURES:
+            c.add("FOOTER_FEATURES", at, p.field, f"features 0x{p.value:08x}")
+        elif p.kind == R.TIMESTAMP_FUTURE:
+            c.add("FOOTER_TIMESTAMP_FUTURE", at, p.field, f"timestamp {p.value} is {_when(p.value)}")
+        elif p.kind == R.VIRTUAL_SIZE:
+            c.add("FOOTER_SIZE", at, p.field, f"current size {p.value}")
+            ok = False
+        elif p.kind == R.OVER_FORMAT_LIMIT:
+            c.add("FOOTER_SIZE_LIMIT", at, p.field, f"current size {p.value} is over 2040 GiB")
+        elif p.kind == R.GEOMETRY:
+            geo, size = p.value, ft.fields.current_size
+            c.add("FOOTER_GEOMETRY", at, p.field, f"C/H/S {geo.cylinders}/{geo.heads}/{geo.sectors_per_track} "
+                  f"({geo.size} bytes) for a disk of {size}")
+        elif p.kind == R.GEOMETRY_TOO_LARGE:
+            geo, size = p.value, ft.fields.current_size
+            want = libvhd_chs(size)
+            c.add("FOOTER_GEOMETRY_TOO_LARGE", at, p.field,
+                  f"C/H/S {geo.cylinders}/{geo.heads}/{geo.sectors_per_track} is larger than the specification's "
+                  f"{want.cylinders}/{want.heads}/{want.sectors_per_track} for a disk of {size} bytes")
+        elif p.kind == R.SAVED_STATE:
+            c.add("FOOTER_SAVED_STATE", at, p.field, f"saved state {p.value}")
+        elif p.kind == R.UNIQUE_ID_ZERO:
+            c.add("FOOTER_UNIQUE_ID", at, p.field, "unique id is all zeros")
+        elif p.kind == R.FIXED_DATA_OFFSET:
+            c.add("FOOTER_DATA_OFFSET", at, p.field, f"data offset 0x{p.value:x}")
     return ok
 
 
@@ -621,7 +578,7 @@ def _find_fixed_footer(f: _File) -> RawFooter | None:
             if off % SECTOR_SIZE == 0 and off + FOOTER_SIZE < f.size:
                 candidates += 1
                 cand = RawFooter.parse(f.read(off, FOOTER_SIZE), off)
-                if cand.valid and cand.disk_type == DiskType.FIXED and cand.current_size == off:
+                if cand.valid and cand.fields.disk_type == DiskType.FIXED and cand.fields.current_size == off:
                     return cand
             k = chunk.find(FOOTER_COOKIE, k + 1)
         pos += _SEARCH_CHUNK
@@ -639,69 +596,80 @@ def _check_dynamic(f: _File, a: FileAnalysis, c: _Collector, future: int) -> Non
             c.add("FOOTER_COPY_MISSING", 0, "footer copy", "offset 0 does not hold a copy of the footer",
                   repairable=True)
         elif not copy.checksum_ok:
-            c.add("FOOTER_COPY_CHECKSUM", 64, "footer copy.checksum",
+            c.add("FOOTER_COPY_CHECKSUM", FOOTER.offset("checksum"), "footer copy.checksum",
                   f"stored 0x{copy.stored_checksum:08x}, computed 0x{copy.computed_checksum:08x}", repairable=True)
         elif copy.raw[: FOOTER_SIZE - 1] != end.raw[: FOOTER_SIZE - 1]:
             c.add("FOOTER_COPY_MISMATCH", 0, "footer copy",
                   "fields that differ: " + ", ".join(differing_footer_fields(copy, end)), repairable=True)
 
-    hoff = ft.data_offset
-    if hoff == NO_DATA_OFFSET or hoff % SECTOR_SIZE or hoff < FOOTER_SIZE or hoff + HEADER_SIZE > fsize:
-        c.add("HEADER_OFFSET", ft.offset + 16, "footer.data_offset",
+    hoff = ft.fields.data_offset
+    bad_offset = R.header_offset_problems(hoff, fsize)
+    if bad_offset:
+        c.add("HEADER_OFFSET", ft.offset + bad_offset[0].offset, bad_offset[0].field,
               f"data offset 0x{hoff:x} does not leave room for a 1024-byte header inside the {fsize}-byte file")
         _finish_footer_position(f, a, c)
         return
     a.header_offset = hoff
     raw = f.read(hoff, HEADER_SIZE)
     a.header_raw = raw
-    (cookie, data_off, table_off, version, mte, block_size, csum, puid, pts, _res1, pname, locs,
-     _res2) = _HEADER.unpack(raw)
-    if cookie != HEADER_COOKIE:
-        c.add("HEADER_COOKIE", hoff, "header.cookie", f"cookie {cookie!r}")
+    h = HEADER.unpack(raw)
+    if h.cookie != HEADER_COOKIE:
+        c.add("HEADER_COOKIE", hoff, HEADER.field("cookie"), f"cookie {h.cookie!r}")
         _finish_footer_position(f, a, c)
         return
     fields_ok = True
-    computed = checksum(raw, 36)
-    if computed != csum:
-        c.add("HEADER_CHECKSUM", hoff + 36, "header.checksum",
-              f"stored 0x{csum:08x}, computed 0x{computed:08x}", repairable=True)
-    if version >> 16 != 1:
-        c.add("HEADER_VERSION", hoff + 24, "header.header_version", f"version 0x{version:08x}")
-        fields_ok = False
-    if data_off != NO_DATA_OFFSET:
-        c.add("HEADER_DATA_OFFSET", hoff + 8, "header.data_offset", f"data offset 0x{data_off:x}")
-    header = DynamicHeader.parse(raw, verify_checksum=False) if version >> 16 == 1 else None
+    computed = HEADER.checksum(raw)
+    if computed != h.checksum:
+        c.add("HEADER_CHECKSUM", hoff + HEADER.offset("checksum"), HEADER.field("checksum"),
+              f"stored 0x{h.checksum:08x}, computed 0x{computed:08x}", repairable=True)
+    for p in R.header_field_problems(h):
+        if p.kind == R.HEADER_VERSION:
+            c.add("HEADER_VERSION", hoff + p.offset, p.field, f"version 0x{p.value:08x}")
+            fields_ok = False
+        elif p.kind == R.HEADER_DATA_OFFSET:
+            c.add("HEADER_DATA_OFFSET", hoff + p.offset, p.field, f"data offset 0x{p.value:x}")
+    header = DynamicHeader.from_fields(h) if version_supported(h.header_version) else None
     a.header = header
     # The dynamic header is metadata from here on, whatever else is wrong.
     a.metadata = [("footer copy", 0, FOOTER_SIZE), ("dynamic header", hoff, hoff + HEADER_SIZE)]
 
-    block_ok = _is_pow2(block_size) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+    block_size, mte, table_off = h.block_size, h.max_table_entries, h.table_offset
+    bad_block = R.block_size_problem(block_size)
+    block_ok = bad_block is None
     if not block_ok:
-        c.add("HEADER_BLOCK_SIZE", hoff + 32, "header.block_size", f"block size {block_size}")
+        c.add("HEADER_BLOCK_SIZE", hoff + bad_block.offset, bad_block.field, f"block size {block_size}")
         fields_ok = False
-    needed = -(-a.size // block_size) if block_ok else 0
     mte_ok = True
-    if block_ok and mte < needed:
-        c.add("HEADER_MAX_TABLE_ENTRIES", hoff + 28, "header.max_table_entries",
-              f"{mte} entries, a disk of {a.size} bytes with {block_size}-byte blocks needs {needed}")
-        fields_ok = mte_ok = False
-    elif block_ok and (mte > needed + (1 << 20) or mte > MAX_BAT_ENTRIES):
-        c.add("HEADER_MAX_TABLE_ENTRIES", hoff + 28, "header.max_table_entries",
-              f"{mte} entries where the disk needs {needed} (at most {MAX_BAT_ENTRIES} are accepted)")
-        fields_ok = mte_ok = False
+    if block_ok:
+        needed = R.entries_needed(a.size, block_size)
+        bad_mte = R.table_entries_problem(mte, a.size, block_size)
+        # Every table-size problem is one finding on the max table entries (Image names the block size when the
+        # BAT is over vhdcore's limit).
+        at, fld = hoff + HEADER.offset("max_table_entries"), HEADER.field("max_table_entries")
+        if bad_mte is not None and bad_mte.kind == R.TOO_FEW_ENTRIES:
+            c.add("HEADER_MAX_TABLE_ENTRIES", at, fld,
+                  f"{mte} entries, a disk of {a.size} bytes with {block_size}-byte blocks needs {needed}")
+            fields_ok = mte_ok = False
+        elif bad_mte is not None:
+            c.add("HEADER_MAX_TABLE_ENTRIES", at, fld,
+                  f"{mte} entries where the disk needs {needed} (at most {R.MAX_BAT_ENTRIES} are accepted)")
+            fields_ok = mte_ok = False
     bat_bytes = mte * 4
-    bat_end = table_off + _pad(bat_bytes)
+    bat_end = table_off + R.table_bytes(mte)
     table_ok = True
-    if table_off % SECTOR_SIZE:
-        c.add("HEADER_TABLE_OFFSET", hoff + 16, "header.table_offset", f"table offset {table_off} is not "
-              "sector-aligned")
+    bad_table = {p.kind: p for p in R.table_offset_problems(table_off, mte, hoff, fsize)}
+    if R.TABLE_UNALIGNED in bad_table:
+        p = bad_table[R.TABLE_UNALIGNED]
+        c.add("HEADER_TABLE_OFFSET", hoff + p.offset, p.field, f"table offset {table_off} is not sector-aligned")
         fields_ok = table_ok = False
-    elif table_off < FOOTER_SIZE or (table_off < hoff + HEADER_SIZE and bat_end > hoff):
-        c.add("HEADER_TABLE_OFFSET", hoff + 16, "header.table_offset",
+    elif R.TABLE_OVER_METADATA in bad_table:
+        p = bad_table[R.TABLE_OVER_METADATA]
+        c.add("HEADER_TABLE_OFFSET", hoff + p.offset, p.field,
               f"the BAT at {table_off}..{bat_end} overlaps the footer copy or the dynamic header at {hoff}")
         fields_ok = table_ok = False
-    if mte_ok and table_ok and table_off + bat_bytes > fsize:
-        c.add("BAT_OUTSIDE_FILE", hoff + 16, "header.table_offset",
+    if mte_ok and table_ok and R.BAT_PAST_EOF in bad_table:
+        p = bad_table[R.BAT_PAST_EOF]
+        c.add("BAT_OUTSIDE_FILE", hoff + p.offset, p.field,
               f"the BAT of {mte} entries at {table_off} ends at {table_off + bat_bytes}, past the end of the "
               f"{fsize}-byte file")
         fields_ok = table_ok = False
@@ -709,29 +677,25 @@ def _check_dynamic(f: _File, a: FileAnalysis, c: _Collector, future: int) -> Non
         a.metadata.append(("BAT", table_off, bat_end))
 
     if header is not None and a.disk_type == DiskType.DIFFERENCING:
-        if header.parent_unique_id.int == 0:
-            c.add("HEADER_PARENT_ID", hoff + 40, "header.parent_unique_id", "parent unique id is all zeros")
-        if pts > future:
-            c.add("HEADER_PARENT_TIMESTAMP_FUTURE", hoff + 56, "header.parent_timestamp",
-                  f"parent timestamp {pts} is {_when(pts)}")
-        try:
-            pname.decode("utf-16-be")
-            name_ok = bool(pname.decode("utf-16-be").split("\0", 1)[0])
-        except UnicodeDecodeError:
-            name_ok = False
-        if not name_ok:
-            c.add("HEADER_PARENT_NAME", hoff + 64, "header.parent_unicode_name",
-                  "the parent's unicode name is empty or not valid UTF-16 big-endian")
+        for p in R.parent_field_problems(h, future=future):
+            at = hoff + p.offset
+            if p.kind == R.PARENT_ID_ZERO:
+                c.add("HEADER_PARENT_ID", at, p.field, "parent unique id is all zeros")
+            elif p.kind == R.PARENT_TIMESTAMP_FUTURE:
+                c.add("HEADER_PARENT_TIMESTAMP_FUTURE", at, p.field, f"parent timestamp {p.value} is {_when(p.value)}")
+            elif p.kind == R.PARENT_NAME:
+                c.add("HEADER_PARENT_NAME", at, p.field,
+                      "the parent's unicode name is empty or not valid UTF-16 big-endian")
         _check_locators(f, a, c, header, hoff)
-        _check_parent_name_vs_locators(a, c, pname, hoff)
+        _check_parent_name_vs_locators(a, c, h.parent_unicode_name, hoff)
 
     # blktap's batmap, kept in the sectors right after the BAT.
-    if table_ok and ft.fields[5] == b"tap\0" and bat_end + SECTOR_SIZE <= fsize:
+    if table_ok and ft.fields.creator_app == b"tap\0" and bat_end + SECTOR_SIZE <= fsize:
         bm = BatmapHeader.parse(f.read(bat_end, SECTOR_SIZE))
         if bm is not None:
             a.metadata.append(("batmap header", bat_end, bat_end + SECTOR_SIZE))
             if bm.batmap_offset < bat_end or bm.end > fsize:
-                c.add("BATMAP_OUTSIDE_FILE", bat_end + 8, "batmap.batmap_offset",
+                c.add("BATMAP_OUTSIDE_FILE", bat_end + BATMAP.offset("batmap_offset"), BATMAP.field("batmap_offset"),
                       f"batmap at {bm.batmap_offset} of {bm.batmap_size} sectors")
             if bm.end <= fsize:
                 a.metadata.append(("batmap", bm.batmap_offset, bm.end))
@@ -754,7 +718,8 @@ _BATMAP_READ = 1024 * 1024
 def _check_batmap(f: _File, c: _Collector, bm: BatmapHeader, hdr_off: int) -> None:
     """The batmap's version and its checksum: the one's complement of the byte sum of its map sectors."""
     if bm.batmap_version > _BATMAP_NEWEST:
-        c.add("BATMAP_VERSION", hdr_off + 20, "batmap.batmap_version", f"0x{bm.batmap_version:08x}")
+        c.add("BATMAP_VERSION", hdr_off + BATMAP.offset("batmap_version"), BATMAP.field("batmap_version"),
+              f"0x{bm.batmap_version:08x}")
         return
     signed = bm.batmap_version == _BATMAP_V1_1
     total = 0
@@ -767,7 +732,7 @@ def _check_batmap(f: _File, c: _Collector, bm: BatmapHeader, hdr_off: int) -> No
         pos += len(piece)
     want = ~total & 0xFFFFFFFF
     if want != bm.checksum:
-        c.add("BATMAP_CHECKSUM", hdr_off + 24, "batmap.checksum",
+        c.add("BATMAP_CHECKSUM", hdr_off + BATMAP.offset("checksum"), BATMAP.field("checksum"),
               f"recorded 0x{bm.checksum:08x}, the map sums to 0x{want:08x}")
 
 
@@ -1090,7 +1055,8 @@ def _resolve(a: FileAnalysis, allowed: Sequence[str]) -> tuple[str | None, Findi
         return None, Finding("PARENT_MISMATCH", ERROR, e.offset, e.field, e.message, a.path)
     except ParentNotFoundError as e:
         tried = "; ".join(e.tried) if e.tried else "no locator or parent name gave a path"
-        return None, Finding("PARENT_NOT_FOUND", ERROR, hoff + 64, "header.parent_unicode_name",
+        return None, Finding("PARENT_NOT_FOUND", ERROR, hoff + HEADER.offset("parent_unicode_name"),
+                             HEADER.field("parent_unicode_name"),
                              f"parent {a.header.parent_unicode_name!r} not found (tried: {tried})", a.path)
     except ChainCycleError as e:
         return None, Finding("CHAIN_CYCLE", ERROR, e.offset, e.field, e.message, a.path)
@@ -1132,23 +1098,26 @@ def check(path: str | os.PathLike[str], chain: bool = False, parent_dirs: Sequen
         try:
             parent = analyse_file(ppath, time_slack=time_slack)
         except (OSError, VHDError) as e:
-            report.findings.append(Finding("PARENT_NOT_FOUND", ERROR, a.header_offset + 64,
-                                           "header.parent_unicode_name", f"parent {ppath} cannot be read: {e}",
+            report.findings.append(Finding("PARENT_NOT_FOUND", ERROR,
+                                           a.header_offset + HEADER.offset("parent_unicode_name"),
+                                           HEADER.field("parent_unicode_name"), f"parent {ppath} cannot be read: {e}",
                                            a.path))
             break
         if parent.identity in seen:
-            report.findings.append(Finding("CHAIN_CYCLE", ERROR, a.header_offset + 40, "header.parent_unique_id",
+            report.findings.append(Finding("CHAIN_CYCLE", ERROR, a.header_offset + HEADER.offset("parent_unique_id"),
+                                           HEADER.field("parent_unique_id"),
                                            f"the parent {ppath} is already in the chain", a.path))
             break
         seen.add(parent.identity)
         recorded = a.header.parent_timestamp
         if recorded and parent.footer is not None:
             mtime = vhd_timestamp(parent.mtime)
-            if recorded not in (mtime, parent.footer.timestamp):
+            if recorded not in (mtime, parent.footer.fields.timestamp):
                 report.findings.append(Finding(
-                    "PARENT_TIMESTAMP", WARNING, a.header_offset + 56, "header.parent_timestamp",
+                    "PARENT_TIMESTAMP", WARNING, a.header_offset + HEADER.offset("parent_timestamp"),
+                    HEADER.field("parent_timestamp"),
                     f"records {recorded} ({_when(recorded)}); the parent {ppath} was modified at {mtime} and its "
-                    f"footer says {parent.footer.timestamp}", a.path))
+                    f"footer says {parent.footer.fields.timestamp}", a.path))
         a = parent
         depth += 1
     return report

@@ -16,7 +16,8 @@ import numpy as np
 from ..disk.chain import Disk, open_chain
 from ..destination import atomic_output, check_destination  # atomic_output: convert/compact import it from here
 from ..format.geometry import Geometry, chs_from_size, geometry_for_new_disk, vhd_timestamp
-from ..disk.image import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, Image, _is_pow2
+from ..disk.image import Image
+from ..format.rules import block_size_ok
 from ..disk.locks import lock
 from ..format.structs import (
     CREATOR_APP,
@@ -93,7 +94,7 @@ def _check_size(size: int, block_size: int | None = None) -> None:
         raise ValueError(f"size must be a positive multiple of 512 bytes, not {size!r}")
     if size > MAX_CREATE_SIZE:
         raise ValueError(f"size {size} is over the VHD limit of 2040 GiB")
-    if block_size is not None and not (_is_pow2(block_size) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE):
+    if block_size is not None and not block_size_ok(block_size):
         raise ValueError(f"block size must be a power of two from 512 bytes to 256 MiB, not {block_size}")
 
 

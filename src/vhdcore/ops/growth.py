@@ -142,8 +142,8 @@ def _disk_usage(img: Image) -> int:
         return img.file_size
 
 
-class _Reader:
-    """One reusable block buffer and the progress counter of all reads."""
+class _ScanBuffer:
+    """The block buffer the zero scans read disk data into (one, reused) and the progress count of those reads."""
 
     def __init__(self, block_size: int, total: int, progress: ProgressFn | None) -> None:
         self.buf = bytearray(max(block_size, FIXED_UNIT))
@@ -185,10 +185,10 @@ def _layer_present(img: Image) -> Intervals:
     return Intervals(np.frombuffer(starts, np.int64).copy(), np.frombuffer(ends, np.int64).copy())
 
 
-def _layer_zero_scan(img: Image, reader: _Reader) -> tuple[int, int]:
+def _layer_zero_scan(img: Image, scan: _ScanBuffer) -> tuple[int, int]:
     """(zero blocks, bytes they hold) of one file, reading only its own data."""
     size = img.size
-    mv = reader.mv
+    mv = scan.mv
     zero_blocks = zero_bytes = 0
     if img.is_fixed:
         unit = FIXED_UNIT
@@ -200,7 +200,7 @@ def _layer_zero_scan(img: Image, reader: _Reader) -> tuple[int, int]:
         for u in np.flatnonzero(~holes).tolist():
             n = int(spans[u])
             img.preadinto(u * unit, mv[:n])
-            reader.tick(n)
+            scan.tick(n)
             if K.is_zero(mv[:n]):
                 zero_blocks += 1
                 zero_bytes += n
@@ -215,7 +215,7 @@ def _layer_zero_scan(img: Image, reader: _Reader) -> tuple[int, int]:
         n = min(bs, size - base)
         part = mv[:n]
         img.preadinto(img.block_file_offset(b), part)
-        reader.tick(n)
+        scan.tick(n)
         # A block (dynamic or differencing) is zero when none of its present sectors holds data.
         nsec = n // SECTOR_SIZE
         present = bytearray(img.read_bitmap(b)[: len(zmask)])
@@ -258,7 +258,7 @@ def _growth(disk: Disk, t0: float, block_size: int | None, want_table: bool,
     # Reading the layers one by one is needed only when the chain's view differs from each file's own view.
     single = len(layers_imgs) == 1 and (layers_imgs[0].block_size or FIXED_UNIT) == bs
     layer_read = 0 if single else sum(_layer_data_bytes(img) for img in layers_imgs)
-    reader = _Reader(bs, layer_read + int(span[alloc.data > 0].sum()), progress)
+    scan = _ScanBuffer(bs, layer_read + int(span[alloc.data > 0].sum()), progress)
 
     # --- the VHD side, per layer; shadowing from the base up
     present = [_layer_present(img) for img in layers_imgs]
@@ -267,7 +267,7 @@ def _growth(disk: Disk, t0: float, block_size: int | None, want_table: bool,
     for d in range(len(layers_imgs) - 1, -1, -1):
         shadowed[d] = present[d].overlap_bytes(below) if len(below) else 0
         below = below.union(present[d])
-    zero_scan = [(0, 0)] * len(layers_imgs) if single else [_layer_zero_scan(img, reader) for img in layers_imgs]
+    zero_scan = [(0, 0)] * len(layers_imgs) if single else [_layer_zero_scan(img, scan) for img in layers_imgs]
 
     # --- the guest side
     g = guest.analyse(disk)
@@ -281,13 +281,13 @@ def _growth(disk: Disk, t0: float, block_size: int | None, want_table: bool,
     nfs = len(g.filesystems)
     free_nonzero = np.zeros(nfs, dtype=np.int64)
     table_nonzero = np.zeros(nblocks, dtype=np.int64) if want_table else None
-    mv = reader.mv[:bs]
+    mv = scan.mv[:bs]
     for b in np.flatnonzero(alloc.data > 0).tolist():
         n = int(span[b])
         if n < bs:
             mv[n:] = bytes(bs - n)
         disk.readinto(b * bs, mv[:n])
-        reader.tick(n)
+        scan.tick(n)
         v = judge.examine(b, mv, per_fs=True)
         zero[b] = v.zero
         droppable[b] = v.droppable

@@ -34,8 +34,8 @@ import xxhash
 from .check import ERROR, WARNING, FileAnalysis, Finding, analyse_file, check, data_under_clear_bits
 from ..destination import atomic_output, check_destination
 from ..exceptions import InvalidFormatError, LockError, UnsafeOperationError
-from ..disk.image import MAX_BAT_ENTRIES
-from ..format.structs import FOOTER_SIZE, HEADER_SIZE, SECTOR_SIZE, DiskType, bitmap_bytes, checksum
+from ..format.rules import MAX_BAT_ENTRIES
+from ..format.structs import FOOTER, FOOTER_SIZE, HEADER, HEADER_SIZE, SECTOR_SIZE, DiskType, bitmap_bytes
 
 UNDO_MAGIC = b"VHDCUNDO"
 UNDO_VERSION = 2
@@ -97,13 +97,6 @@ class RepairReport:
                 "warnings": [str(f) for f in self.remaining if getattr(f, "severity", "") == "warning"]}
 
 
-def _with_checksum(raw: bytes, field_offset: int) -> bytes:
-    b = bytearray(raw)
-    struct.pack_into(">I", b, field_offset, 0)
-    struct.pack_into(">I", b, field_offset, checksum(b, field_offset))
-    return bytes(b)
-
-
 def plan(a: FileAnalysis, fix_checksums: bool = False, set_bitmap_bits: bool = False,
          read=None) -> tuple[list[RepairAction], list[str]]:
     """The actions that repair ``a`` and the reasons other findings are left alone.
@@ -157,7 +150,7 @@ def _plan(a: FileAnalysis, fix_checksums: bool) -> tuple[list[RepairAction], lis
                                         f"bytes after the footer at {a.footer_offset}", ("FILE_TRAILING_DATA",)))
         elif end is not None and not end.checksum_ok:
             if fix_checksums:
-                raw = _with_checksum(end.raw, 64)[: len(end.raw) if a.footer_source != "legacy" else FOOTER_SIZE - 1]
+                raw = FOOTER.sealed(end.raw)[: len(end.raw) if a.footer_source != "legacy" else FOOTER_SIZE - 1]
                 actions.append(RepairAction("FIX_FOOTER_CHECKSUM", end.offset, len(raw),
                                             "recompute the footer checksum", ("FOOTER_CHECKSUM",), raw))
             else:
@@ -172,7 +165,7 @@ def _plan(a: FileAnalysis, fix_checksums: bool) -> tuple[list[RepairAction], lis
     header_fix: RepairAction | None = None
     if "HEADER_CHECKSUM" in codes:
         if fix_checksums and a.header_fields_ok:
-            raw = _with_checksum(a.header_raw, 36)
+            raw = HEADER.sealed(a.header_raw)
             header_fix = RepairAction("FIX_HEADER_CHECKSUM", a.header_offset, HEADER_SIZE,
                                       "recompute the dynamic header checksum", ("HEADER_CHECKSUM",), raw)
         elif fix_checksums:
@@ -208,7 +201,7 @@ def _plan(a: FileAnalysis, fix_checksums: bool) -> tuple[list[RepairAction], lis
     elif end is not None:
         # Bad checksum at the end and no usable copy: only a recomputation helps, if asked for.
         if fix_checksums:
-            good = _with_checksum(end.raw, 64)
+            good = FOOTER.sealed(end.raw)
             n = FOOTER_SIZE if a.footer_source == "end" else FOOTER_SIZE - 1
             actions.append(RepairAction("FIX_FOOTER_CHECKSUM", end.offset, n, "recompute the footer checksum",
                                         ("FOOTER_CHECKSUM",), good[:n]))
@@ -302,7 +295,7 @@ def _after_repair(fd: int, st: os.stat_result, actions: list[RepairAction], rang
 
 
 def _unique_id(a: FileAnalysis) -> bytes:
-    return a.footer.raw[68:84] if a.footer is not None else bytes(16)
+    return a.footer.raw[FOOTER.slice("unique_id")] if a.footer is not None else bytes(16)
 
 
 def _write_undo(fd: int, undo_path: str, st: os.stat_result, ranges: list[tuple[int, int]],
@@ -457,7 +450,8 @@ def _check_undo_identity(fd: int, path: str, undo_path: str, post_size: int, uid
     if st.st_size != post_size:
         why = f"its size is {st.st_size} bytes, the repaired disk's was {post_size}"
     elif uid != bytes(16):
-        ids = {_pread_exact(fd, o + 68, 16) for o in (0, st.st_size - FOOTER_SIZE) if o >= 0}
+        at, n = FOOTER.offset("unique_id"), FOOTER.row("unique_id").size
+        ids = {_pread_exact(fd, o + at, n) for o in (0, st.st_size - FOOTER_SIZE) if o >= 0}
         if uid not in ids:
             why = "its unique id is not the repaired disk's"
     if why is None and _over_digest(lambda o, n: _pread_exact(fd, o, n), ranges, st.st_size) != digest:

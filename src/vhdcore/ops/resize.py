@@ -47,13 +47,15 @@ from ..exceptions import ChainError, InvalidFormatError, LockError, UnsafeOperat
     VHDError
 from ..disk.image import BLOCK_DATA_ALIGNMENT, Image
 from ..format.structs import (
-    BATMAP_COOKIE,
+    FOOTER,
     FOOTER_SIZE,
     SECTOR_SIZE,
     UNUSED_BAT_ENTRY,
+    BatmapHeader,
     DiskType,
     Footer,
     ParentLocator,
+    locator_entry_offset,
 )
 
 __all__ = ["resize", "ResizeReport", "journal_path", "first_data_offset"]
@@ -187,10 +189,8 @@ def _batmap_bytes(img: Image, mte: int) -> tuple[int, bytes]:
 
 
 def _batmap_header(offset: int, sectors: int, version: int, data: bytes) -> bytes:
-    import struct
-
     csum = ~int(np.frombuffer(data, dtype=np.uint8).sum(dtype=np.int64)) & 0xFFFFFFFF
-    return struct.pack(">8sQIII", BATMAP_COOKIE, offset, sectors, version, csum).ljust(SECTOR_SIZE, b"\0")
+    return BatmapHeader(offset, sectors, version, csum).pack()
 
 
 def _plan_dynamic(img: Image, new: int) -> _Plan:
@@ -224,7 +224,8 @@ def _plan_dynamic(img: Image, new: int) -> _Plan:
             region_end = new_bat_end + SECTOR_SIZE + sectors * SECTOR_SIZE
         if to <= hoff < region_end:
             raise UnsupportedFeatureError("the dynamic header lies after the BAT, where the larger table would go",
-                                          path=img.path, offset=16, field="footer.data_offset", value=hoff)
+                                          path=img.path, offset=FOOTER.offset("data_offset"),
+                                          field=FOOTER.field("data_offset"), value=hoff)
         # Locator data must stay in front of every block (readers take the end of the metadata as the start of
         # the block area): the locators after the BAT are rewritten past the new table, and past everything the
         # old header still references (their old data, the old batmap) until the header is switched.
@@ -238,7 +239,7 @@ def _plan_dynamic(img: Image, new: int) -> _Plan:
                 space = _round(loc.data_space_bytes)
                 if space > MAX_LOCATOR_SPACE or loc.data_offset + space > img.file_size:
                     raise UnsupportedFeatureError("a parent locator's data space is too large or outside the file",
-                                                  path=img.path, offset=hoff + 576 + 24 * i,
+                                                  path=img.path, offset=hoff + locator_entry_offset(i),
                                                   field=f"header.parent_locators[{i}]", value=loc.data_space_bytes)
                 pos = _round(pos)
                 loc_writes.append(("w", pos, img.pread(loc.data_offset, space)))
