@@ -14,6 +14,7 @@ from ...disk.chain import _identity
 from ...disk.image import Image
 from ...disk.locks import lock
 from ...exceptions import ChainError, UnsafeOperationError, UnsupportedFeatureError
+from ...format.structs import FOOTER
 from .relink import RelinkPlan, dependents
 
 if TYPE_CHECKING:
@@ -70,8 +71,8 @@ def check_safety(chain: MergeChain, dirs: list[str], force: set[str], warnings: 
                 raise UnsafeOperationError(
                     "the disk is in saved state (a suspended VM's disk): merging would change what the VM resumes "
                     f"on. Pass force '{FORCE_SAVED_STATE}' (--force {FORCE_SAVED_STATE}) to merge anyway",
-                    path=img.path, offset=img.footer_offset + 84 if img.footer_offset >= 0 else 84,
-                    field="footer.saved_state", value=img.footer.saved_state)
+                    path=img.path, offset=max(img.footer_offset, 0) + FOOTER.offset("saved_state"),
+                    field=FOOTER.field("saved_state"), value=img.footer.saved_state)
             warnings.append(f"{img.path}: in saved state (merged anyway: force '{FORCE_SAVED_STATE}')")
     for i in range(len(sources)):
         if sources[i].size > layers[i + 1].size:
