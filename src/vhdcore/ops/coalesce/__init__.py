@@ -49,7 +49,8 @@ from ...exceptions import (
     VerificationError,
     VHDError,
 )
-from .writer import TargetWriter, WriteIO, pieces
+from ...fileio import WriteIO, fsync_dir, pieces
+from .writer import TargetWriter
 from ...disk.image import Image
 from ...disk.locks import lock
 from .resume import MergeProgress
@@ -60,7 +61,6 @@ from .relink import (
     apply_relink,
     bind_plans,
     dependents,
-    fsync_dir,
     journal_path,
     plan_relink,
     read_journal,

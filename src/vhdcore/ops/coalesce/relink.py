@@ -12,11 +12,9 @@ a power cut can tear across its two sectors. Coalesce therefore records every re
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
-import tempfile
 import uuid
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
@@ -25,7 +23,7 @@ import numpy as np
 
 from ...disk.chain import resolve_parent
 from ..create import parent_locators_for
-from ...destination import fsync_dir
+from ...fileio import WriteIO, atomic_output, pwrite_all
 from ...exceptions import ChainError, UnsafeOperationError, VHDError
 from ...format.geometry import vhd_timestamp
 from ...disk.image import Image
@@ -164,17 +162,6 @@ def _fit_locators(old: Sequence[ParentLocator], wanted: Sequence[tuple[bytes, by
     return table, writes, dropped
 
 
-class _PlainIO:
-    def pwritev(self, fd: int, bufs: list, offset: int) -> None:
-        data = b"".join(bytes(b) for b in bufs)
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
-
-    def fdatasync(self, fd: int) -> None:
-        os.fdatasync(fd)
-
-
 @dataclass(frozen=True)
 class RelinkPlan:
     """The writes that make ``path`` name a new parent: locator data first, the 1024-byte header last."""
@@ -219,7 +206,7 @@ def apply_relink(plan: RelinkPlan, *, io=None) -> None:
     Replaying a plan is harmless (the same bytes land in the same places), which is what makes a header torn
     by a crash mid-write curable: the coalesce journal keeps every plan until all are applied.
     """
-    io = io or _PlainIO()
+    io = io or WriteIO(faults=False)
     with Image(plan.path, "r+", strict=False) as img:
         if img.unique_id != plan.unique_id:
             raise ChainError(f"{plan.path} is no longer the disk that was to be relinked (unique id "
@@ -278,19 +265,8 @@ def journal_path(child_path: str) -> str:
 def write_journal(child_path: str, record: dict) -> str:
     """Atomically (temporary file, fsync, rename, fsync of the directory) write the removal journal."""
     path = journal_path(child_path)
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(d)
+    with atomic_output(path, mode=0o600) as (fd, _tmp):
+        pwrite_all(fd, [json.dumps(record).encode()], 0)
     return path
 
 
@@ -415,6 +391,6 @@ def check_plan_bytes(plan: RelinkPlan, path: str, parent_id: uuid.UUID | None, j
 
 __all__ = ["Dependent", "dependents", "relink", "plan_relink", "apply_relink", "plan_from_json", "journal_plans",
            "RelinkPlan",
-           "vhd_files", "journal_path", "write_journal", "read_journal", "fsync_dir", "bind_plans", "JournalError",
+           "vhd_files", "journal_path", "write_journal", "read_journal", "bind_plans", "JournalError",
            "check_plan_bytes",
            "MAX_JOURNAL_BYTES"]
