@@ -32,7 +32,8 @@ import numpy as np
 from ..exceptions import ChainCycleError, InvalidFormatError, ParentMismatchError, ParentNotFoundError, VHDError
 from .. import kernels as K
 from ..format.geometry import MAX_GEOMETRY, VHD_EPOCH, Geometry, libvhd_chs, vhd_timestamp
-from ..disk.image import MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE, Image
+from ..disk.image import MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE
+from ..format import locators
 from ..format.structs import (
     FEATURE_RESERVED,
     FEATURE_TEMPORARY,
@@ -1055,9 +1056,6 @@ class _ParentProbe:
     """What ``chain.resolve_parent`` needs of a child, built from a FileAnalysis instead of an Image (which
     may refuse the damaged file being checked)."""
 
-    read_locator = Image.read_locator
-    parent_candidates = Image.parent_candidates
-
     def __init__(self, a: FileAnalysis) -> None:
         self.path = a.path
         self.header = a.header
@@ -1070,6 +1068,10 @@ class _ParentProbe:
 
     def _warn(self, msg: str) -> None:
         self.warnings.append(msg)
+
+    def parent_candidates(self) -> list[tuple[str, str]]:
+        return locators.parent_candidates(self.parent_locators, self.header.parent_unicode_name,
+                                          lambda loc: locators.read(loc, self.file_size, self.pread), self._warn)
 
     def pread(self, offset: int, n: int) -> bytes:
         # Only locator data is read, and the analysis already read every in-bounds locator.

@@ -42,7 +42,7 @@ from .. import kernels as K
 from . import journal
 from ..disk.chain import Disk, open_chain
 from ..fileio import WriteIO
-from .create import MAX_CREATE_SIZE, make_footer
+from ..format.layout import MAX_CREATE_SIZE, make_footer
 from ..exceptions import ChainError, InvalidFormatError, LockError, UnsafeOperationError, UnsupportedFeatureError, \
     VHDError
 from ..disk.image import BLOCK_DATA_ALIGNMENT, Image

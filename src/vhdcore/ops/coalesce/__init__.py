@@ -40,7 +40,9 @@ import numpy as np
 import xxhash
 
 from ... import kernels as K
-from ...disk.chain import Disk, _candidate_names, _identity, _within, open_layers, resolve_parent
+from ...disk.chain import Disk, open_layers, resolve_parent
+from ...disk.chain import file_identity as _identity, is_within as _within
+from ...format.locators import candidate_paths as _candidate_names
 from ...exceptions import (
     ChainError,
     ParentMismatchError,

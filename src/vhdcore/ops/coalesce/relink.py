@@ -22,13 +22,13 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ...disk.chain import resolve_parent
-from ..create import parent_locators_for
 from ...fileio import WriteIO, atomic_output, pwrite_all
 from ...exceptions import ChainError, UnsafeOperationError, VHDError
+from ...format import locators
 from ...format.geometry import vhd_timestamp
+from ...format.locators import parent_locators_for
 from ...disk.image import Image
 from ...format.structs import (
-    EMPTY_LOCATOR,
     FOOTER_SIZE,
     HEADER_SIZE,
     NO_DATA_OFFSET,
@@ -36,7 +36,6 @@ from ...format.structs import (
     DiskType,
     DynamicHeader,
     Footer,
-    ParentLocator,
 )
 
 VHD_SUFFIXES = (".vhd",)
@@ -137,31 +136,6 @@ def dependents(parent: Image, dirs: Sequence[str], exclude: Iterable[str] = ()) 
 # --------------------------------------------------------------------------------------------- relinking
 
 
-def _fit_locators(old: Sequence[ParentLocator], wanted: Sequence[tuple[bytes, bytes]]
-                  ) -> tuple[list[ParentLocator], list[tuple[int, bytes]], list[str]]:
-    """Place the wanted locators' data in the space the old ones reserved (never elsewhere: space after the
-    blocks would need the file's layout to change). Returns the new locator table, the (offset, bytes) writes,
-    and the locators that did not fit."""
-    free = [loc for loc in old if loc.is_used and loc.data_offset > 0]
-    # Reuse a slot of the same platform first, then the largest remaining one.
-    placed: list[ParentLocator] = []
-    writes: list[tuple[int, bytes]] = []
-    dropped: list[str] = []
-    for code, data in wanted:
-        same = [loc for loc in free if loc.platform_code == code and loc.data_space_bytes >= len(data)]
-        other = sorted((loc for loc in free if loc.data_space_bytes >= len(data)),
-                       key=lambda loc: loc.data_space_bytes)
-        slot = (same or other or [None])[0]
-        if slot is None:
-            dropped.append(code.decode("latin-1"))
-            continue
-        free.remove(slot)
-        placed.append(ParentLocator(code, slot.data_space, len(data), slot.data_offset, slot.reserved))
-        writes.append((slot.data_offset, data.ljust(slot.data_space_bytes, b"\0")))
-    table = placed + [EMPTY_LOCATOR] * (len(old) - len(placed))
-    return table, writes, dropped
-
-
 @dataclass(frozen=True)
 class RelinkPlan:
     """The writes that make ``path`` name a new parent: locator data first, the 1024-byte header last."""
@@ -188,14 +162,17 @@ def plan_relink(child_path: str, new_parent: Image) -> RelinkPlan:
         name, wanted = parent_locators_for(new_parent.path, img.path)
         if len(name) > 255:
             name = os.path.basename(new_parent.path)
-        table, writes, dropped = _fit_locators(h.parent_locators, wanted)
+        fitted = locators.fit(h.parent_locators, [locators.Wanted(code, data) for code, data in wanted],
+                              locators.Room.of(img))
+        writes = fitted.writes
+        dropped = [code.decode("latin-1") for (code, _), (how, _) in zip(wanted, fitted.outcome) if how == "dropped"]
         if dropped:  # libvhd tries MacX first, Windows W2ru/W2ku: each matters to someone
             warnings.append(f"{img.path}: locator(s) {', '.join(dropped)} for {new_parent.path} do not fit the "
                             "space the old ones reserved; the parent name still finds it")
         mtime = vhd_timestamp(os.stat(new_parent.path).st_mtime)
         new = replace(h, parent_unique_id=new_parent.unique_id, parent_timestamp=mtime,
                       parent_unicode_name_raw=DynamicHeader.encode_parent_name(name),
-                      parent_locators=tuple(table))
+                      parent_locators=fitted.table)
         return RelinkPlan(os.path.realpath(img.path), img.unique_id, tuple(writes) + ((hoff, new.pack()),),
                           tuple(warnings))
 
