@@ -37,9 +37,16 @@ import numpy as np
 from .. import kernels as K
 from ..disk.chain import Disk
 from ..disk.extents import data_blocks
-from ..disk.image import BLOCK_DATA_ALIGNMENT, Image
+from ..disk.image import Image
 from ..format import locators
-from ..format.layout import DEFAULT_BLOCK_SIZE, check_size, make_footer
+from ..format.layout import (
+    DEFAULT_BLOCK_SIZE,
+    block_stride,
+    check_size,
+    first_block_position,
+    make_footer,
+    next_block,
+)
 from ..format.structs import (
     FOOTER_SIZE,
     HEADER_SIZE,
@@ -208,10 +215,10 @@ class VhdPackage(Package):
         mte = -(-size // bs)
         self.table_offset = FOOTER_SIZE + HEADER_SIZE
         self.bat_bytes = _round_up(mte * 4, SECTOR_SIZE)
-        first = self.table_offset + self.bat_bytes
+        first = first_block_position(size, bs)
         # Data of every block starts page-aligned; the k-th block is one constant stride after the first.
-        self.first_block = _round_up(first + bm, BLOCK_DATA_ALIGNMENT) - bm
-        self.stride = _round_up(bm + bs, BLOCK_DATA_ALIGNMENT)
+        self.first_block = next_block(first, bm)
+        self.stride = block_stride(bs)
         n = self.data_blocks
         self.footer_offset = self.first_block + (n - 1) * self.stride + bm + bs if n else first
         self.size = self.footer_offset + FOOTER_SIZE
