@@ -388,7 +388,7 @@ def test_enospc_mid_coalesce_releases_the_reserved_region(tmp_path, monkeypatch)
     import errno
 
     from vhdcore.ops.check import check
-    from vhdcore.ops.coalesce.writer import WriteIO
+    from vhdcore.fileio import WriteIO
 
     base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
     with vhdcore.create(base, 16 * MiB, block_size=512 * 1024) as d:

@@ -9,21 +9,21 @@ Every writing command (create, snapshot, convert, compact, export, image, repair
   block device named explicitly with ``allow_device`` (then it is written in place, never replaced);
 - the directory must exist.
 
-New files are made by :func:`atomic_output`: a temporary name from :mod:`tempfile` in the destination's own
-directory (``O_CREAT|O_EXCL``, so a planted symlink is never followed), fsynced, renamed over the final name,
-and the directory fsynced, so a crash leaves either the old file or the whole new one under the final name.
+New files are made by :func:`vhdcore.fileio.atomic_output` (re-exported here): a temporary name in the
+destination's own directory, fsynced, renamed over the final name, and the directory fsynced, so a crash leaves
+either the old file or the whole new one under the final name.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import stat
-import tempfile
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from .exceptions import VHDError
+from .fileio import atomic_output  # noqa: F401 - the durable way to write a destination
 
-__all__ = ["DestinationError", "DestinationExistsError", "check_destination", "atomic_output", "fsync_dir"]
+__all__ = ["DestinationError", "DestinationExistsError", "check_destination", "atomic_output"]
 
 
 class DestinationError(VHDError):
@@ -92,41 +92,3 @@ def check_destination(path: str | os.PathLike[str], *, sources: Iterable[str | o
         raise DestinationExistsError(f"the destination exists ({what}); pass --overwrite (overwrite=True) to "
                                      "replace it", path=raw)
     return dest
-
-
-def fsync_dir(directory: str | os.PathLike[str]) -> None:
-    """Make a rename or unlink in ``directory`` durable."""
-    dfd = os.open(os.fspath(directory) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o644, fsync: bool = True
-                  ) -> Iterator[tuple[int, str]]:
-    """An fd for a new temporary file beside ``path``, renamed to ``path`` when the block ends without error.
-
-    The temporary name is unpredictable and created exclusively (``tempfile.mkstemp``), so a symlink planted
-    in the directory is never followed; on any error the temporary file is removed.
-    """
-    path = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        yield fd, tmp
-        if fsync:
-            os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-        if fsync:
-            fsync_dir(directory)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

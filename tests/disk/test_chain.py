@@ -12,7 +12,8 @@ import pytest
 
 import vhdcore
 from vhdcore.disk.chain import MAX_CHAIN_DEPTH
-from vhdcore.ops.create import atomic_output, write_dynamic_layout
+from vhdcore.fileio import atomic_output
+from vhdcore.format.layout import write_dynamic_layout
 from vhdcore.exceptions import ChainCycleError, ChecksumError, ParentMismatchError, ParentNotFoundError
 from vhdcore.disk.image import Image
 from vhdcore.format.structs import DiskType

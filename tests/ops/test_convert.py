@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import vhdcore
-from vhdcore.ops.convert import data_blocks
+from vhdcore.disk.extents import data_blocks
 from support.vhdtest import MiB, build_chain, qemu_raw
 
 KiB = 1024

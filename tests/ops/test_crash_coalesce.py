@@ -1,6 +1,6 @@
 """Coalesce killed at every write: the chain reads as before, the target stays sound, a rerun finishes the job.
 
-Three kinds of death, through the fault-injection point of vhdcore.ops.coalesce.writer (VHDCORE_FAULT_*):
+Three kinds of death, through the fault-injection point of vhdcore.fileio.WriteIO (VHDCORE_FAULT_*):
 
 * SIGKILL of a ``python -m vhdcore coalesce`` subprocess just before its N-th write (and, for the merge's writes,
   after writing half of it: a torn write), for every N of a run;
@@ -30,7 +30,7 @@ import pytest
 import vhdcore
 from vhdcore.ops.check import INFO, check
 from vhdcore.ops.coalesce import coalesce
-from vhdcore.ops.coalesce.writer import read_record
+from vhdcore.fileio import read_record
 from vhdcore.ops.coalesce.relink import read_journal
 
 from support.coalesce import content, layered_chain, sectors_old_or_new

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import vhdcore
-from vhdcore.ops.create import MAX_CREATE_SIZE, parent_locators_for
+from vhdcore.format.layout import MAX_CREATE_SIZE
+from vhdcore.format.locators import parent_locators_for
 from vhdcore.format.geometry import chs_from_size, vhd_timestamp
 from vhdcore.disk.image import Image
 from vhdcore.format.structs import DiskType, DynamicHeader, Footer

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..ops.create import DEFAULT_BLOCK_SIZE, create
+from ..format.layout import DEFAULT_BLOCK_SIZE
+from ..ops.create import create
 from ._common import add_overwrite_argument, parse_size, print_json
 
 NAME = "create"

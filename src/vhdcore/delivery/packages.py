@@ -36,29 +36,29 @@ import numpy as np
 
 from .. import kernels as K
 from ..disk.chain import Disk
-from ..ops.convert import data_blocks
-from ..ops.create import DEFAULT_BLOCK_SIZE, _check_size, make_footer
-from .digests import XXH3Manifest
-from ..disk.image import BLOCK_DATA_ALIGNMENT, Image
+from ..disk.extents import data_blocks
+from ..disk.image import Image
+from ..format import locators
+from ..format.layout import (
+    DEFAULT_BLOCK_SIZE,
+    block_stride,
+    check_size,
+    first_block_position,
+    make_footer,
+    next_block,
+)
 from ..format.structs import (
-    EMPTY_LOCATOR,
     FOOTER_SIZE,
     HEADER_SIZE,
     HEADER_VERSION,
-    MAX_LOCATOR_BYTES,
     NO_DATA_OFFSET,
-    PLATFORM_MACX,
-    PLATFORM_W2KU,
-    PLATFORM_W2RU,
-    PLATFORM_WI2K,
-    PLATFORM_WI2R,
     SECTOR_SIZE,
     UNUSED_BAT_ENTRY,
     DiskType,
     DynamicHeader,
-    ParentLocator,
     bitmap_bytes,
 )
+from .digests import XXH3Manifest
 
 __all__ = ["PACKAGES", "Package", "VhdPackage", "FlatPackage", "ChainTarPackage", "open_package",
            "iter_content", "disk_manifest", "chain_tar_names"]
@@ -202,7 +202,7 @@ class VhdPackage(Package):
         self.manifest = manifest
         size = disk.size
         bs = block_size or disk.leaf.block_size or DEFAULT_BLOCK_SIZE
-        _check_size(size, bs)
+        check_size(size, bs)
         self.block_size = bs
         self.blocks = np.fromiter(data_blocks(disk, bs), dtype=np.int64)
         # A fixed layer "holds" every block, so its allocation map says nothing: read its blocks once up front
@@ -215,10 +215,10 @@ class VhdPackage(Package):
         mte = -(-size // bs)
         self.table_offset = FOOTER_SIZE + HEADER_SIZE
         self.bat_bytes = _round_up(mte * 4, SECTOR_SIZE)
-        first = self.table_offset + self.bat_bytes
+        first = first_block_position(size, bs)
         # Data of every block starts page-aligned; the k-th block is one constant stride after the first.
-        self.first_block = _round_up(first + bm, BLOCK_DATA_ALIGNMENT) - bm
-        self.stride = _round_up(bm + bs, BLOCK_DATA_ALIGNMENT)
+        self.first_block = next_block(first, bm)
+        self.stride = block_stride(bs)
         n = self.data_blocks
         self.footer_offset = self.first_block + (n - 1) * self.stride + bm + bs if n else first
         self.size = self.footer_offset + FOOTER_SIZE
@@ -338,101 +338,39 @@ def chain_tar_names(depth: int) -> list[str]:
     return [f"{i}.vhd" for i in range(depth)]
 
 
-def _locator_data(code: bytes, name: str) -> bytes | None:
-    """What a locator of platform ``code`` holds to name ``name`` beside the child (None: cannot say it)."""
-    if code == PLATFORM_W2RU:
-        return (".\\" + name).encode("utf-16-le")
-    if code == PLATFORM_W2KU:
-        # An absolute path cannot be known before extraction; like vhd-util, store the relative one.
-        return (".\\" + name).encode("utf-16-le")
-    if code == PLATFORM_MACX:
-        return ("file://./" + name).encode("utf-8")
-    if code in (PLATFORM_WI2R, PLATFORM_WI2K):
-        return (".\\" + name).encode("latin-1")
-    return None  # a Mac alias blob or an unknown platform
-
-
-def _metadata_ranges(img: Image) -> list[tuple[int, int]]:
-    """Byte ranges [start, end) of a dynamic image's metadata other than the locators' data."""
-    h = img.header
-    assert h is not None
-    ranges = [(0, FOOTER_SIZE), (img.footer.data_offset, img.footer.data_offset + HEADER_SIZE),
-              (h.table_offset, h.table_offset + _round_up(img.max_table_entries * 4, SECTOR_SIZE))]
-    if img.batmap is not None:
-        bat_end = ranges[-1][1]
-        ranges.append((bat_end, max(bat_end + SECTOR_SIZE, img.batmap.end)))
-    return ranges
-
-
-def _first_block_offset(img: Image) -> int:
-    alloc = img.allocated_blocks()
-    if len(alloc):
-        return int(img.bat[alloc].min()) * SECTOR_SIZE
-    return img.footer_offset if img.footer_offset >= 0 else img.file_size - FOOTER_SIZE
-
-
-def _find_free(used: list[tuple[int, int]], limit: int, need: int) -> int | None:
-    """The lowest sector-aligned offset before ``limit`` where ``need`` bytes overlap nothing in ``used``."""
-    pos = SECTOR_SIZE
-    for start, end in sorted(used):
-        if pos + need <= min(start, limit):
-            return pos
-        pos = max(pos, _round_up(end, SECTOR_SIZE))
-    return pos if pos + need <= limit else None
-
-
 def relink_child(img: Image, parent_name: str) -> tuple[list[tuple[int, bytes]], list[str]]:
     """Byte patches that make differencing ``img`` name its parent ``parent_name`` (beside it), and warnings.
 
-    Each locator that can name a path is rewritten in its own data space. One whose space is unusable
-    (outside the file, too small) moves to free sectors before the first block if there are any; otherwise
-    it is dropped (the parent unicode name and the other locators still find the parent). Mac alias blobs,
-    which cannot be rewritten, are dropped.
+    Each locator that can name a path is rewritten for ``./parent_name`` in its own platform's encoding and
+    fitted by :func:`vhdcore.format.locators.fit` (in its own space when usable, else moved to space nothing
+    else uses, else dropped: the parent unicode name and the other locators still find the parent). Mac alias
+    blobs, which cannot be rewritten, are dropped.
     """
     h = img.header
     assert h is not None and img.is_differencing
-    patches: list[tuple[int, bytes]] = []
     warnings: list[str] = []
-    limit = _first_block_offset(img)
-    used = _metadata_ranges(img)
-    slots: list[ParentLocator] = list(h.parent_locators)
-    homeless: list[tuple[int, ParentLocator, bytes]] = []
-    for i, loc in enumerate(slots):
+    wanted: list[locators.Wanted] = []
+    for i, loc in enumerate(h.parent_locators):
         if not loc.is_used:
             continue
-        data = _locator_data(loc.platform_code, parent_name)
+        data = locators.encode(loc.platform_code, "./" + parent_name)
         if data is None:
             warnings.append(f"{img.path}: parent locator {i} ({loc.platform_code!r}) cannot be rewritten; dropped")
-            slots[i] = EMPTY_LOCATOR
             continue
-        off, space = loc.data_offset, loc.data_space_bytes
-        in_place = (off > 0 and off % SECTOR_SIZE == 0 and len(data) <= space <= MAX_LOCATOR_BYTES
-                    and off + space <= limit and not any(a < off + space and off < b for a, b in used))
-        if in_place:
-            used.append((off, off + space))
-            patches.append((off, data.ljust(space, b"\0")))
-            slots[i] = dataclasses.replace(loc, data_length=len(data))
-        else:
-            homeless.append((i, loc, data))
-    for i, loc, data in homeless:
-        need = _round_up(len(data), SECTOR_SIZE)
-        new_off = _find_free(used, limit, need)
-        if new_off is None:
-            warnings.append(f"{img.path}: parent locator {i} ({loc.platform_code!r}) has no usable data space "
-                            f"(offset {loc.data_offset}, space {loc.data_space_bytes}) and no free sector before "
-                            "the first block to move it to; dropped")
-            slots[i] = EMPTY_LOCATOR
-            continue
-        used.append((new_off, new_off + need))
-        patches.append((new_off, data.ljust(need, b"\0")))
-        # Space in bytes, as Windows writes it (every reader accepts that form).
-        slots[i] = ParentLocator(loc.platform_code, need, len(data), new_off)
-        warnings.append(f"{img.path}: parent locator {i} ({loc.platform_code!r}) moved to offset {new_off} "
-                        f"in the tar copy (its space at {loc.data_offset} was unusable)")
+        wanted.append(locators.Wanted(loc.platform_code, data, i))
+    fitted = locators.fit(h.parent_locators, wanted, locators.Room.of(img))
+    for w, (how, off) in zip(wanted, fitted.outcome):
+        loc = h.parent_locators[w.slot]
+        if how == "moved":
+            warnings.append(f"{img.path}: parent locator {w.slot} ({w.code!r}) moved to offset {off} in the tar "
+                            f"copy (its space at {loc.data_offset} was unusable)")
+        elif how == "dropped":
+            warnings.append(f"{img.path}: parent locator {w.slot} ({w.code!r}) has no usable data space (offset "
+                            f"{loc.data_offset}, space {loc.data_space_bytes}) and no free sector before the first "
+                            "block to move it to; dropped")
     header = dataclasses.replace(h, parent_unicode_name_raw=DynamicHeader.encode_parent_name(parent_name),
-                                 parent_locators=tuple(slots))
-    patches.append((img.footer.data_offset, header.pack()))
-    return patches, warnings
+                                 parent_locators=fitted.table)
+    return fitted.writes + [(img.footer.data_offset, header.pack())], warnings
 
 
 class ChainTarPackage(Package):

@@ -32,7 +32,7 @@ from .. import kernels as K
 from ..disk.chain import Disk, open_chain
 from .digests import XXH3Manifest
 from ..exceptions import CorruptImageError, InvalidFormatError, UnsupportedFeatureError, VHDError
-from ..disk.image import zero_fill
+from ..fileio import zero_fill
 from ..format import rules as R
 from .packages import iter_content
 from ..progress import ProgressCallback, as_progress

@@ -7,11 +7,9 @@ child's own and ``parent_dirs``): a locator is untrusted input, and following it
 from __future__ import annotations
 
 import io
-import ntpath
 import os
 import posixpath
 import stat
-import urllib.parse
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .. import kernels as K
@@ -25,6 +23,7 @@ from ..exceptions import (
 from .extents import Extent, merge_zero_runs
 from ..format.geometry import vhd_timestamp
 from ..fileio import zero_fill
+from ..format.locators import candidate_paths
 from .image import NOT_HERE, Image
 from ..format.structs import HEADER, SECTOR_SIZE
 
@@ -34,35 +33,8 @@ MAX_CHAIN_DEPTH = 128
 Resolver = Callable[[Image, Sequence[str]], str]
 
 
-def _candidate_names(source: str, raw: str) -> list[str]:
-    """Turn one locator's text into relative or absolute POSIX path candidates."""
-    text = raw.strip()
-    if not text:
-        return []
-    if source == "MacX":
-        if text.startswith(("file://./", "file://../")):
-            # libvhd's relative form (file://../dir/p.vhd is not a URL with host ".."): relative to the child.
-            return [text[len("file://"):]]
-        if text.startswith("file://"):
-            parsed = urllib.parse.urlparse(text)
-            path = urllib.parse.unquote(parsed.path)
-            if parsed.netloc == ".":  # file://./parent.vhd: relative to the child
-                return [path.lstrip("/")]
-            return [path]
-        return [text]
-    # Windows forms (W2ru/W2ku/name): backslashes, maybe a drive letter.
-    if "\\" in text or ntpath.splitdrive(text)[0]:
-        drive, rest = ntpath.splitdrive(text)
-        parts = [p for p in rest.replace("\\", "/").split("/")]
-        rel = "/".join(parts)
-        if drive or rel.startswith("/"):
-            # An absolute Windows path cannot exist here as it is; its file name may sit beside the child.
-            return [ntpath.basename(text)]
-        return [rel]
-    return [text]
-
-
-def _within(path: str, dirs: Iterable[str]) -> bool:
+def is_within(path: str, dirs: Iterable[str]) -> bool:
+    """Whether the real path ``path`` is one of ``dirs`` or lies below one of them."""
     for d in dirs:
         if path == d or path.startswith(d.rstrip(os.sep) + os.sep):
             return True
@@ -103,11 +75,11 @@ def _opened_outside(img: Image, allowed_dirs: Sequence[str], exact_dirs: Iterabl
         except OSError:
             return real
         same = (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
-        inside = _within(real, allowed_dirs) or os.path.dirname(real) in set(exact_dirs)
+        inside = is_within(real, allowed_dirs) or os.path.dirname(real) in set(exact_dirs)
         return None if same and inside else real
     if real.endswith(" (deleted)"):
         real = real[: -len(" (deleted)")]
-    return None if _within(real, allowed_dirs) or os.path.dirname(real) in set(exact_dirs) else real
+    return None if is_within(real, allowed_dirs) or os.path.dirname(real) in set(exact_dirs) else real
 
 
 def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
@@ -122,7 +94,7 @@ def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
     seen: set[str] = set()
     climb = _climb_dirs(child_dir)
     for source, raw in child.parent_candidates():
-        for name in _candidate_names(source, raw):
+        for name in candidate_paths(source, raw):
             if "\0" in name:
                 # No file name holds a NUL (and os.stat would raise ValueError on one): hostile or corrupt.
                 tried.append(f"{source} {raw!r} (contains a NUL character, refused)")
@@ -143,7 +115,7 @@ def resolve_parent(child: Image, allowed_dirs: Sequence[str]) -> str:
                 # the locator's own relative path, climbing only: the directory is exactly one above the child
                 exact = {os.path.dirname(real)} if i == 0 and not posixpath.isabs(name) and \
                     os.path.dirname(real) in climb else set()
-                if not _within(real, allowed_dirs) and not exact:
+                if not is_within(real, allowed_dirs) and not exact:
                     tried.append(f"{source} {raw!r} -> {real} (outside the allowed directories, refused)")
                     continue
                 try:
@@ -404,7 +376,7 @@ def open_layers(
     try:
         allowed = [os.path.dirname(os.path.realpath(leaf.path))]
         allowed += [os.path.realpath(os.fspath(d)) for d in (parent_dirs or ())]
-        seen = {_identity(leaf)}
+        seen = {file_identity(leaf)}
         img = leaf
         while img.is_differencing:
             if len(layers) >= MAX_CHAIN_DEPTH:
@@ -428,11 +400,11 @@ def open_layers(
                     offset=img.footer.data_offset + HEADER.offset("parent_unicode_name"),
                     field=HEADER.field("parent_unicode_name"),
                     value=img.header.parent_unicode_name)
-            if _identity(parent) in seen:
+            if file_identity(parent) in seen:
                 parent.close()
                 raise ChainCycleError("the chain loops back on itself", path=img.path, field="parent",
                                       value=ppath)
-            seen.add(_identity(parent))
+            seen.add(file_identity(parent))
             layers.append(parent)
             if parent.unique_id != img.header.parent_unique_id and not accept_other_id:
                 raise ParentMismatchError(
@@ -468,6 +440,7 @@ def open_chain(
     return Disk(layers, warnings)
 
 
-def _identity(img: Image) -> tuple[int, int]:
+def file_identity(img: Image) -> tuple[int, int]:
+    """(device, inode) of the file ``img`` has open: the same file whatever path reached it."""
     st = os.fstat(img.fd)
     return st.st_dev, st.st_ino

@@ -1,7 +1,8 @@
-"""The run type every operation consumes: which layer (or nothing: zeros) holds a range of the virtual disk."""
+"""The run type every operation consumes: which layer (or nothing: zeros) holds a range of the virtual disk, and
+the blocks of a new layout that such runs touch."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Optional, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     from .image import Image
@@ -41,3 +42,19 @@ def merge_zero_runs(extents: Iterable[Extent]) -> Iterator[Extent]:
         yield ext
     if pending is not None:
         yield pending
+
+
+class _HasExtents(Protocol):
+    def allocated_extents(self) -> Iterator[Extent]: ...
+
+
+def data_blocks(disk: _HasExtents, block_size: int) -> Iterator[int]:
+    """Indexes of ``block_size`` blocks of the virtual disk that some layer holds data for, ascending (a
+    ``chain.Disk``, or anything with ``allocated_extents()``: the blocks a new dynamic layout must write)."""
+    last = -1
+    for ext in disk.allocated_extents():
+        first = ext.offset // block_size
+        end = (ext.end - 1) // block_size
+        for b in range(max(first, last + 1), end + 1):
+            yield b
+        last = max(last, end)

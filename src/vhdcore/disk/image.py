@@ -29,7 +29,9 @@ from ..exceptions import (
     VHDError,
 )
 from ..fileio import preadinto_exact, pwrite_all, zero_fill  # noqa: F401 - zero_fill is re-exported
+from ..format import locators
 from ..format.geometry import Geometry
+from ..format.layout import BLOCK_DATA_ALIGNMENT
 from ..format import rules as R
 from ..format.rules import MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE  # noqa: F401 - re-exported
 from ..format.structs import (
@@ -49,22 +51,12 @@ from ..format.structs import (
     bitmap_bytes,
 )
 
-# New blocks are placed so that their data (after the bitmap) starts on this boundary, as Windows does:
-# page-aligned data keeps reads, writes and copy_file_range on whole pages.
-BLOCK_DATA_ALIGNMENT = 4096
 NOT_HERE = -1
 
 _BITMAP_CACHE_BLOCKS = 4096
 _ZEROS = bytes(4 * 1024 * 1024)
 
 
-def _relative_locator(text: str) -> bool:
-    """Whether a locator's path is relative to the child (``./p.vhd``, ``.\\p.vhd``, ``file://./p.vhd``,
-    ``file://../d/p.vhd``, a bare name), not absolute (``/d/p.vhd``, ``C:\\d\\p.vhd``, ``file:///d/p.vhd``)."""
-    t = text.strip()
-    if t.startswith("file://"):
-        return t.startswith(("file://./", "file://../"))
-    return not (t.startswith(("/", "\\")) or (len(t) > 1 and t[1] == ":"))
 
 
 class Image:
@@ -542,40 +534,15 @@ class Image:
 
     def read_locator(self, loc: ParentLocator) -> bytes | None:
         """The raw data of a parent locator, or None when its offset or length is out of bounds."""
-        length = loc.data_length
-        if length <= 0 or length > MAX_LOCATOR_BYTES or length > loc.data_space_bytes:
-            return None
-        if loc.data_offset <= 0 or loc.data_offset + length > self.file_size:
-            return None
-        return self.pread(loc.data_offset, length)
+        return locators.read(loc, self.file_size, self.pread)
 
     def parent_candidates(self) -> list[tuple[str, str]]:
-        """``(source, path)`` pairs naming the parent, in the order to try them, then the parent unicode name.
-
-        libvhd takes the first locator that resolves, in slot order; vhdcore tries the relative locators first
-        (in slot order), then the absolute ones (in slot order): a copied chain opens its own copies even while
-        the originals exist, and a chain libvhd wrote (relative paths in every slot) resolves as libvhd does.
-        """
+        """``(source, path)`` pairs naming the parent, in the order to try them, then the parent unicode name
+        (:func:`vhdcore.format.locators.parent_candidates`)."""
         if self.header is None or self.disk_type != DiskType.DIFFERENCING:
             return []
-        known = (b"W2ru", b"MacX", b"W2ku", b"Wi2r", b"Wi2k")
-        found: list[tuple[int, int, str, str]] = []
-        for slot, loc in enumerate(self.parent_locators):
-            if loc.platform_code not in known:
-                continue
-            raw = self.read_locator(loc)
-            if raw is None:
-                self._warn(f"parent locator {loc.platform_code!r} points outside the file")
-                continue
-            p = loc.decode_path(raw)
-            if p:
-                found.append((0 if _relative_locator(p) else 1, slot, loc.platform_code.decode("latin-1"), p))
-        found.sort(key=lambda t: t[:2])
-        out = [(src, p) for _, _, src, p in found]
-        name = self.header.parent_unicode_name
-        if name:
-            out.append(("name", name))
-        return out
+        return locators.parent_candidates(self.parent_locators, self.header.parent_unicode_name,
+                                          self.read_locator, self._warn)
 
     # ----------------------------------------------------------------------------------------- lifetime
 

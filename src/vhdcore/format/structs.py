@@ -368,16 +368,9 @@ class ParentLocator:
 
     def decode_path(self, raw: bytes) -> str | None:
         """The path this locator's data names, or None for platforms that hold no path (Mac alias)."""
-        try:
-            if self.platform_code in (PLATFORM_W2RU, PLATFORM_W2KU):
-                return raw.decode("utf-16-le").rstrip("\0")
-            if self.platform_code == PLATFORM_MACX:
-                return raw.decode("utf-8").rstrip("\0")
-            if self.platform_code in (PLATFORM_WI2R, PLATFORM_WI2K):
-                return raw.decode("latin-1").rstrip("\0")
-        except UnicodeDecodeError:
-            return None
-        return None
+        from .locators import decode  # the encodings live with the other locator rules
+
+        return decode(self.platform_code, raw)
 
 
 EMPTY_LOCATOR = ParentLocator(PLATFORM_NONE, 0, 0, 0)

@@ -30,10 +30,10 @@ import numpy as np
 
 from ..exceptions import ChainCycleError, InvalidFormatError, ParentMismatchError, ParentNotFoundError, VHDError
 from .. import kernels as K
+from ..format import locators
 from ..format import rules as R
 from ..format.geometry import VHD_EPOCH, libvhd_chs, vhd_timestamp
 from ..format.rules import FORMAT_SIZE_LIMIT  # noqa: F401 - check's public name for the format's size limit
-from ..disk.image import Image
 from ..format.structs import (
     BATMAP,
     FOOTER,
@@ -1020,9 +1020,6 @@ class _ParentProbe:
     """What ``chain.resolve_parent`` needs of a child, built from a FileAnalysis instead of an Image (which
     may refuse the damaged file being checked)."""
 
-    read_locator = Image.read_locator
-    parent_candidates = Image.parent_candidates
-
     def __init__(self, a: FileAnalysis) -> None:
         self.path = a.path
         self.header = a.header
@@ -1035,6 +1032,10 @@ class _ParentProbe:
 
     def _warn(self, msg: str) -> None:
         self.warnings.append(msg)
+
+    def parent_candidates(self) -> list[tuple[str, str]]:
+        return locators.parent_candidates(self.parent_locators, self.header.parent_unicode_name,
+                                          lambda loc: locators.read(loc, self.file_size, self.pread), self._warn)
 
     def pread(self, offset: int, n: int) -> bytes:
         # Only locator data is read, and the analysis already read every in-bounds locator.

@@ -25,7 +25,8 @@ from .. import kernels as K
 from .blockmap import BlockJudge, FreeSectorMap, block_allocation, grid_block_size
 from ..disk.chain import open_chain
 from .convert import write_dynamic
-from .create import _check_size, atomic_output
+from ..fileio import atomic_output
+from ..format.layout import check_size
 from ..destination import check_destination
 from ..format.structs import SECTOR_SIZE
 
@@ -70,7 +71,7 @@ def compact(src: str | os.PathLike[str], dst: str | os.PathLike[str], mode: str 
     with open_chain(src_s, "r", parent_dirs, strict=strict) as disk:
         check_destination(dst_s, sources=[img.path for img in disk.layers], overwrite=overwrite)
         bs, grid_note = grid_block_size(disk, block_size)
-        _check_size(disk.size, bs)
+        check_size(disk.size, bs)
         before = sum(img.file_size for img in disk.layers)
         warnings = list(disk.warnings) + ([grid_note] if grid_note else [])
         fs_summary: list[dict] = []

@@ -9,16 +9,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .. import kernels as K
-from ..disk.chain import Disk, open_chain
-from ..fileio import pwrite_all
-from .create import DEFAULT_BLOCK_SIZE, _check_size, atomic_output, make_footer, write_dynamic_layout
 from ..destination import check_destination
-from ..disk.image import BLOCK_DATA_ALIGNMENT
+from ..disk.chain import Disk, open_chain
+from ..disk.extents import data_blocks
+from ..fileio import atomic_output, pwrite_all
+from ..format.layout import DEFAULT_BLOCK_SIZE, check_size, make_footer, next_block, write_dynamic_layout
 from ..format.structs import FOOTER_SIZE, HEADER_SIZE, NO_DATA_OFFSET, SECTOR_SIZE, DiskType, bitmap_bytes
 
 ProgressFn = Callable[[int, int], None]
@@ -41,17 +41,6 @@ class ConvertReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def data_blocks(disk: Disk, block_size: int) -> Iterator[int]:
-    """Indexes of ``block_size`` blocks of the virtual disk that some layer holds data for, ascending."""
-    last = -1
-    for ext in disk.allocated_extents():
-        first = ext.offset // block_size
-        end = (ext.end - 1) // block_size
-        for b in range(max(first, last + 1), end + 1):
-            yield b
-        last = max(last, end)
 
 
 def _open_source(src, source_format: str, parent_dirs, strict: bool):
@@ -123,7 +112,7 @@ def _to_flat(disk: Disk, dst: str, fixed: bool, progress: ProgressFn | None) -> 
 
 
 def _to_dynamic(disk: Disk, dst: str, block_size: int, progress: ProgressFn | None) -> ConvertReport:
-    _check_size(disk.size, block_size)
+    check_size(disk.size, block_size)
     blocks = np.fromiter(data_blocks(disk, block_size), dtype=np.int64)
     with atomic_output(dst) as (fd, _tmp):
         st = write_dynamic(fd, disk, block_size, blocks, lambda b, mv: not K.is_zero(mv), progress)
@@ -143,36 +132,13 @@ class DynamicWrite:
 KeepFn = Callable[[int, memoryview], bool]
 
 
-def first_block_position(size: int, block_size: int) -> int:
-    """Where write_dynamic_layout ends its metadata (the footer's place before any block is added)."""
-    mte = -(-size // block_size)
-    return FOOTER_SIZE + HEADER_SIZE + -(-mte * 4 // SECTOR_SIZE) * SECTOR_SIZE
-
-
-def _next_block(pos: int, bm_size: int) -> int:
-    """Start of the next block's bitmap: its data begins page-aligned, like the blocks vhdcore appends elsewhere."""
-    return -(-(pos + bm_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm_size
-
-
-def dynamic_file_size(size: int, block_size: int, nblocks: int) -> int:
-    """The exact size of the dynamic VHD :func:`write_dynamic` makes with ``nblocks`` blocks."""
-    bm_size = bitmap_bytes(block_size)
-    pos = first_block_position(size, block_size)
-    if nblocks:
-        # Block data starts page-aligned, so consecutive data starts are align(bitmap + block) apart.
-        first_data = _next_block(pos, bm_size) + bm_size
-        stride = -(-(block_size + bm_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT
-        pos = first_data + (nblocks - 1) * stride + block_size
-    return pos + FOOTER_SIZE
-
-
 def write_dynamic(fd: int, disk: Disk, block_size: int, blocks: np.ndarray, keep: KeepFn,
                   progress: ProgressFn | None) -> DynamicWrite:
     """Write a new dynamic VHD of ``disk``'s size into the empty file ``fd``: each block of ``blocks`` (ascending)
     is read from ``disk`` and written if ``keep(block, data)`` says so (``keep`` may rewrite the data in place).
 
     Data goes first, then the BAT that points at it, then the footer; ``fd`` is expected to be an
-    :func:`~vhdcore.ops.create.atomic_output` file, so a crash leaves nothing under the final name. Each block's
+    :func:`~vhdcore.fileio.atomic_output` file, so a crash leaves nothing under the final name. Each block's
     bitmap has the bits of the sectors inside the virtual size set (the block holds the content there, zeros
     included), none past it. The leaf's creator and geometry are kept when they fit (``make_footer``).
     """
@@ -203,7 +169,7 @@ def write_dynamic(fd: int, disk: Disk, block_size: int, blocks: np.ndarray, keep
         if not keep(b, mv):
             st.bytes_dropped += n
         else:
-            pos = _next_block(pos, bm_size)
+            pos = next_block(pos, bm_size)
             pwrite_all(fd, [full_bitmap if n == block_size else last_bitmap, mv], pos)
             bat[b] = pos // SECTOR_SIZE
             pos += bm_size + block_size

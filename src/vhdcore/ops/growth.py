@@ -30,7 +30,7 @@ import numpy as np
 from .. import kernels as K
 from .blockmap import BlockJudge, FreeSectorMap, Intervals, block_allocation, grid_block_size, host_data_runs
 from ..disk.chain import Disk, open_chain
-from .convert import dynamic_file_size
+from ..format.layout import dynamic_file_size
 from ..disk.image import Image
 from ..format.structs import FOOTER_SIZE, HEADER_SIZE, SECTOR_SIZE
 

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from ..destination import atomic_output, fsync_dir
+from ..fileio import atomic_output, fsync_dir
 from ..exceptions import InvalidFormatError
 from .coalesce.relink import JournalError, RelinkPlan, check_plan_bytes
 

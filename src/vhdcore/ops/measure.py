@@ -1,7 +1,7 @@
 """The size of the file ``convert`` or ``compact`` would write, without writing it (qemu-img measure).
 
 Exact for VHD outputs: the writers' layout is a function of the virtual size, the block size and the number of
-blocks kept (``convert.dynamic_file_size``), so measuring is counting the blocks they would keep, by the same
+blocks kept (``layout.dynamic_file_size``), so measuring is counting the blocks they would keep, by the same
 rules. ``convert --to dynamic`` keeps every block on the output's grid that some layer holds and that does not
 read as all zeros, so those blocks are read (only those: cost follows the data). ``compact`` sizes come from
 growth's per-block join, which applies compact's rules block by block. A fixed output is the virtual size plus a
@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 from .. import kernels as K
 from ..disk.chain import open_chain
-from .convert import data_blocks, dynamic_file_size
-from .create import DEFAULT_BLOCK_SIZE, _check_size
+from ..disk.extents import data_blocks
+from ..format.layout import DEFAULT_BLOCK_SIZE, check_size, dynamic_file_size
 from ..format.structs import FOOTER_SIZE
 
 __all__ = ["measure", "MeasureReport", "TARGETS"]
@@ -67,7 +67,7 @@ def measure(src: str | os.PathLike[str], to: str = "dynamic", *, compact: str | 
             return MeasureReport(src_s, to, None, size, 0, 0, size, size, disk.allocated_bytes(), 0,
                                  list(disk.warnings))
         bs = block_size or disk.leaf.block_size or DEFAULT_BLOCK_SIZE
-        _check_size(size, bs)
+        check_size(size, bs)
         buf = bytearray(bs)
         mv = memoryview(buf)
         kept = read = 0

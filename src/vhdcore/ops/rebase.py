@@ -21,7 +21,7 @@ reads its old content through the OLD parent. The journal then moves to the reli
 the header is switched in one write. A rerun of rebase on the child finds the journal: in the copy phase it starts
 over (sectors copied already are the child's own now and are skipped); in the relink phase it writes the plan
 again (a torn header is mended), refusing a different new parent than the one the journal names. Writes go
-through ``coalesce_writer.WriteIO``, so ``VHDCORE_FAULT_AFTER_WRITES`` / ``VHDCORE_FAULT_ACTION`` reach them.
+through ``fileio.WriteIO``, so ``VHDCORE_FAULT_AFTER_WRITES`` / ``VHDCORE_FAULT_ACTION`` reach them.
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ import numpy as np
 from .. import kernels as K
 from . import journal
 from ..disk.chain import Disk, open_chain
-from .coalesce.writer import TargetWriter, WriteIO
+from .coalesce.writer import TargetWriter
 from ..exceptions import ChainError, InvalidFormatError, UnsafeOperationError
 from ..disk.extents import Extent
-from ..fileio import zero_fill
+from ..fileio import WriteIO, zero_fill
 from ..disk.image import NOT_HERE, Image
 from .coalesce.relink import RelinkPlan, apply_relink, plan_from_json, plan_relink
 from .setparent import _with_file_name, refuse_cycle

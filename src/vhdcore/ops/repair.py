@@ -32,7 +32,8 @@ from typing import Sequence
 import xxhash
 
 from .check import ERROR, WARNING, FileAnalysis, Finding, analyse_file, check, data_under_clear_bits
-from ..destination import atomic_output, check_destination
+from ..destination import check_destination
+from ..fileio import atomic_output, pwrite_all
 from ..exceptions import InvalidFormatError, LockError, UnsafeOperationError
 from ..format.rules import MAX_BAT_ENTRIES
 from ..format.structs import FOOTER, FOOTER_SIZE, HEADER, HEADER_SIZE, SECTOR_SIZE, DiskType, bitmap_bytes
@@ -249,13 +250,6 @@ def _pread_exact(fd: int, offset: int, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    mv = memoryview(data)
-    done = 0
-    while done < len(mv):
-        done += os.pwrite(fd, mv[done:], offset + done)
-
-
 def _clamped(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     return [(off, max(0, min(n, size - off))) for off, n in ranges]
 
@@ -303,16 +297,16 @@ def _write_undo(fd: int, undo_path: str, st: os.stat_result, ranges: list[tuple[
     """The old bytes of every range, written (and made durable) before anything in the disk changes."""
     post_size, uid, digest = identity
     with atomic_output(undo_path, mode=0o600) as (ufd, _tmp):
-        _pwrite_all(ufd, _UNDO_HEAD.pack(UNDO_MAGIC, UNDO_VERSION, st.st_size, st.st_mtime_ns, len(ranges),
-                                         post_size, uid, digest), 0)
+        pwrite_all(ufd, [_UNDO_HEAD.pack(UNDO_MAGIC, UNDO_VERSION, st.st_size, st.st_mtime_ns, len(ranges),
+                                         post_size, uid, digest)], 0)
         pos = _UNDO_HEAD.size
         for off, n in _clamped(ranges, st.st_size):
-            _pwrite_all(ufd, _UNDO_REC.pack(off, n), pos)
+            pwrite_all(ufd, [_UNDO_REC.pack(off, n)], pos)
             pos += _UNDO_REC.size
             done = 0
             while done < n:  # pieces, so a long cut tail never sits in memory whole
                 k = min(n - done, 16 * 1024 * 1024)
-                _pwrite_all(ufd, _pread_exact(fd, off + done, k), pos)
+                pwrite_all(ufd, [_pread_exact(fd, off + done, k)], pos)
                 pos += k
                 done += k
 
@@ -367,7 +361,7 @@ def repair(path: str | os.PathLike[str], dry_run: bool = False, fix_checksums: b
             # then the cut.
             for act in actions:
                 if act.code != "TRUNCATE":
-                    _pwrite_all(fd, act.data, act.offset)
+                    pwrite_all(fd, [act.data], act.offset)
             os.fsync(fd)
             for act in actions:
                 if act.code == "TRUNCATE":
@@ -430,7 +424,7 @@ def undo(undo_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> Non
                 done = 0
                 while done < n:
                     k = min(n - done, 16 * 1024 * 1024)
-                    _pwrite_all(fd, _pread_exact(ufd, upos + done, k), off + done)
+                    pwrite_all(fd, [_pread_exact(ufd, upos + done, k)], off + done)
                     done += k
             os.ftruncate(fd, orig_size)
             os.fsync(fd)

@@ -23,7 +23,7 @@ A rerun finds the journal, checks that it is this disk's (path, unique id), and 
 copies if the commit had not begun (their sources are intact until then), else the commit's writes. A crash in
 the commit of a fixed disk's resize can leave the new size with the old footer's 512 bytes visible inside the
 disk until the rerun zeroes them; a crash in the commit of a blktap disk whose batmap moves leaves libvhd
-without the batmap (vhdcore and qemu read it) until the rerun. Writes go through ``coalesce_writer.WriteIO``,
+without the batmap (vhdcore and qemu read it) until the rerun. Writes go through ``fileio.WriteIO``,
 so the same fault injection (``VHDCORE_FAULT_AFTER_WRITES``, ``VHDCORE_FAULT_ACTION``) covers them.
 """
 from __future__ import annotations
@@ -41,11 +41,12 @@ import numpy as np
 from .. import kernels as K
 from . import journal
 from ..disk.chain import Disk, open_chain
-from .coalesce.writer import WriteIO
-from .create import MAX_CREATE_SIZE, make_footer
+from ..fileio import WriteIO
+from ..format.layout import MAX_CREATE_SIZE, make_footer
 from ..exceptions import ChainError, InvalidFormatError, LockError, UnsafeOperationError, UnsupportedFeatureError, \
     VHDError
-from ..disk.image import BLOCK_DATA_ALIGNMENT, Image
+from ..disk.image import Image
+from ..format.layout import BLOCK_DATA_ALIGNMENT
 from ..format.structs import (
     FOOTER,
     FOOTER_SIZE,

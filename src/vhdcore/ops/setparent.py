@@ -1,7 +1,7 @@
 """Re-point a differencing disk at a parent that moved or was copied (vhd-util modify -p, qemu-img rebase -u).
 
 Only the child's header and parent-locator data change: parent unique id, time stamp, unicode name and locators
-(``relink.plan_relink`` computes the bytes, with ``create.parent_locators_for``'s locators). The virtual content is
+(``relink.plan_relink`` computes the bytes, with ``locators.parent_locators_for``'s locators). The virtual content is
 not looked at: the new parent must hold what the old one held. Its unique id is the check of that: a parent whose
 id is not the one the child records is refused unless ``force`` (then the new id and time stamp are recorded),
 since a different disk under the expected name is the classic way to corrupt a chain silently.

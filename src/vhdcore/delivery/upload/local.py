@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Any
 
-from ...destination import fsync_dir
+from ...fileio import fsync_dir
 from ...progress import ProgressCallback, as_progress
 from . import Sink, UploadResult
 

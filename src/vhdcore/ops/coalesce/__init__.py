@@ -64,7 +64,7 @@ from .safety import (
     lock_chain,
 )
 from .verify import hash_chain, verify_target
-from .writer import WriteIO
+from ...fileio import WriteIO
 
 __all__ = ["coalesce", "CoalesceReport", "FORCE_CHOICES", "FORCE_OTHER_CHILDREN", "FORCE_PARENT_ID",
            "FORCE_SAVED_STATE", "DEFAULT_BATCH_BYTES", "journal_path"]

@@ -9,7 +9,8 @@ import contextlib
 import os
 from typing import NamedTuple, Sequence
 
-from ...disk.chain import _candidate_names, _within, open_layers, resolve_parent
+from ...disk.chain import is_within, open_layers, resolve_parent
+from ...format.locators import candidate_paths
 from ...disk.image import Image
 from ...exceptions import ChainError, ParentMismatchError, UnsafeOperationError, VHDError
 from .safety import FORCE_PARENT_ID
@@ -53,12 +54,12 @@ def _find_parent_any_id(img: Image, allowed: Sequence[str]) -> str:
     me = os.path.realpath(img.path)
     child_dir = os.path.dirname(me)
     for source, raw in img.parent_candidates():
-        for name in _candidate_names(source, raw):
+        for name in candidate_paths(source, raw):
             cands = ([name] + [os.path.join(d, os.path.basename(name)) for d in allowed]
                      if os.path.isabs(name) else [os.path.join(child_dir, name)])
             for cand in cands:
                 real = os.path.realpath(cand)
-                if real == me or not _within(real, allowed) or not os.path.isfile(real):
+                if real == me or not is_within(real, allowed) or not os.path.isfile(real):
                     continue
                 try:
                     with Image(real, "r", strict=False):

@@ -22,7 +22,8 @@ from ...progress import as_progress
 from .layers import MergeChain
 from .report import CoalesceReport
 from .resume import MergeProgress
-from .writer import TargetWriter, WriteIO, pieces
+from ...fileio import WriteIO, pieces
+from .writer import TargetWriter
 
 __all__ = ["Merger", "DEFAULT_BATCH_BYTES", "MAX_RUN_WRITES", "ProgressFn"]
 

@@ -12,11 +12,9 @@ a power cut can tear across its two sectors. Coalesce therefore records every re
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
-import tempfile
 import uuid
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
@@ -24,13 +22,13 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ...disk.chain import resolve_parent
-from ..create import parent_locators_for
-from ...destination import fsync_dir
+from ...fileio import WriteIO, atomic_output, pwrite_all
 from ...exceptions import ChainError, UnsafeOperationError, VHDError
+from ...format import locators
 from ...format.geometry import vhd_timestamp
+from ...format.locators import parent_locators_for
 from ...disk.image import Image
 from ...format.structs import (
-    EMPTY_LOCATOR,
     FOOTER_SIZE,
     HEADER_SIZE,
     NO_DATA_OFFSET,
@@ -38,7 +36,6 @@ from ...format.structs import (
     DiskType,
     DynamicHeader,
     Footer,
-    ParentLocator,
 )
 
 VHD_SUFFIXES = (".vhd",)
@@ -139,42 +136,6 @@ def dependents(parent: Image, dirs: Sequence[str], exclude: Iterable[str] = ()) 
 # --------------------------------------------------------------------------------------------- relinking
 
 
-def _fit_locators(old: Sequence[ParentLocator], wanted: Sequence[tuple[bytes, bytes]]
-                  ) -> tuple[list[ParentLocator], list[tuple[int, bytes]], list[str]]:
-    """Place the wanted locators' data in the space the old ones reserved (never elsewhere: space after the
-    blocks would need the file's layout to change). Returns the new locator table, the (offset, bytes) writes,
-    and the locators that did not fit."""
-    free = [loc for loc in old if loc.is_used and loc.data_offset > 0]
-    # Reuse a slot of the same platform first, then the largest remaining one.
-    placed: list[ParentLocator] = []
-    writes: list[tuple[int, bytes]] = []
-    dropped: list[str] = []
-    for code, data in wanted:
-        same = [loc for loc in free if loc.platform_code == code and loc.data_space_bytes >= len(data)]
-        other = sorted((loc for loc in free if loc.data_space_bytes >= len(data)),
-                       key=lambda loc: loc.data_space_bytes)
-        slot = (same or other or [None])[0]
-        if slot is None:
-            dropped.append(code.decode("latin-1"))
-            continue
-        free.remove(slot)
-        placed.append(ParentLocator(code, slot.data_space, len(data), slot.data_offset, slot.reserved))
-        writes.append((slot.data_offset, data.ljust(slot.data_space_bytes, b"\0")))
-    table = placed + [EMPTY_LOCATOR] * (len(old) - len(placed))
-    return table, writes, dropped
-
-
-class _PlainIO:
-    def pwritev(self, fd: int, bufs: list, offset: int) -> None:
-        data = b"".join(bytes(b) for b in bufs)
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
-
-    def fdatasync(self, fd: int) -> None:
-        os.fdatasync(fd)
-
-
 @dataclass(frozen=True)
 class RelinkPlan:
     """The writes that make ``path`` name a new parent: locator data first, the 1024-byte header last."""
@@ -201,14 +162,17 @@ def plan_relink(child_path: str, new_parent: Image) -> RelinkPlan:
         name, wanted = parent_locators_for(new_parent.path, img.path)
         if len(name) > 255:
             name = os.path.basename(new_parent.path)
-        table, writes, dropped = _fit_locators(h.parent_locators, wanted)
+        fitted = locators.fit(h.parent_locators, [locators.Wanted(code, data) for code, data in wanted],
+                              locators.Room.of(img))
+        writes = fitted.writes
+        dropped = [code.decode("latin-1") for (code, _), (how, _) in zip(wanted, fitted.outcome) if how == "dropped"]
         if dropped:  # libvhd tries MacX first, Windows W2ru/W2ku: each matters to someone
             warnings.append(f"{img.path}: locator(s) {', '.join(dropped)} for {new_parent.path} do not fit the "
                             "space the old ones reserved; the parent name still finds it")
         mtime = vhd_timestamp(os.stat(new_parent.path).st_mtime)
         new = replace(h, parent_unique_id=new_parent.unique_id, parent_timestamp=mtime,
                       parent_unicode_name_raw=DynamicHeader.encode_parent_name(name),
-                      parent_locators=tuple(table))
+                      parent_locators=fitted.table)
         return RelinkPlan(os.path.realpath(img.path), img.unique_id, tuple(writes) + ((hoff, new.pack()),),
                           tuple(warnings))
 
@@ -219,7 +183,7 @@ def apply_relink(plan: RelinkPlan, *, io=None) -> None:
     Replaying a plan is harmless (the same bytes land in the same places), which is what makes a header torn
     by a crash mid-write curable: the coalesce journal keeps every plan until all are applied.
     """
-    io = io or _PlainIO()
+    io = io or WriteIO(faults=False)
     with Image(plan.path, "r+", strict=False) as img:
         if img.unique_id != plan.unique_id:
             raise ChainError(f"{plan.path} is no longer the disk that was to be relinked (unique id "
@@ -278,19 +242,8 @@ def journal_path(child_path: str) -> str:
 def write_journal(child_path: str, record: dict) -> str:
     """Atomically (temporary file, fsync, rename, fsync of the directory) write the removal journal."""
     path = journal_path(child_path)
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(d)
+    with atomic_output(path, mode=0o600) as (fd, _tmp):
+        pwrite_all(fd, [json.dumps(record).encode()], 0)
     return path
 
 
@@ -415,6 +368,6 @@ def check_plan_bytes(plan: RelinkPlan, path: str, parent_id: uuid.UUID | None, j
 
 __all__ = ["Dependent", "dependents", "relink", "plan_relink", "apply_relink", "plan_from_json", "journal_plans",
            "RelinkPlan",
-           "vhd_files", "journal_path", "write_journal", "read_journal", "fsync_dir", "bind_plans", "JournalError",
+           "vhd_files", "journal_path", "write_journal", "read_journal", "bind_plans", "JournalError",
            "check_plan_bytes",
            "MAX_JOURNAL_BYTES"]

@@ -14,8 +14,8 @@ import os
 import time
 
 from ... import kernels as K
-from ...destination import fsync_dir
-from ...disk.chain import _identity, _within, resolve_parent
+from ...fileio import fsync_dir
+from ...disk.chain import file_identity, is_within, resolve_parent
 from ...disk.image import Image
 from ...exceptions import ChainError, VHDError
 from .layers import MergeChain
@@ -31,7 +31,7 @@ from .relink import (
     write_journal,
 )
 from .report import CoalesceReport
-from .writer import WriteIO
+from ...fileio import WriteIO
 
 __all__ = ["children_to_relink", "finish_interrupted_removal", "interrupted_relinks", "relink_and_remove"]
 
@@ -154,7 +154,7 @@ def finish_interrupted_removal(child: str, into: str | None, warnings: list[str]
     leaf_path = _match_chain(child, rec, merged[:left], allowed, jpath)
     if leaf_path is None:
         return None  # the child there now is another disk than the journal's
-    if not _within(os.path.realpath(target_path), allowed):
+    if not is_within(os.path.realpath(target_path), allowed):
         raise JournalError(f"the journal's target {target_path} is outside the chain's directories", path=jpath,
                            field="target", value=target_path)
     with Image(target_path, "r") as target:
@@ -212,7 +212,7 @@ def _match_chain(child: str, rec: dict, remaining: list[str], allowed: list[str]
             return None
         leaf_path = img.path
         while len(walked) < len(remaining):
-            walked.append(_identity(img))
+            walked.append(file_identity(img))
             if len(walked) == len(remaining) or not img.is_differencing:
                 break
             try:

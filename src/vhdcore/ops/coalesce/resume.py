@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ...destination import atomic_output, fsync_dir
+from ...fileio import atomic_output, fsync_dir
 
 __all__ = ["MergeProgress", "progress_path"]
 

@@ -10,7 +10,7 @@ import contextlib
 import os
 from typing import TYPE_CHECKING, Iterable
 
-from ...disk.chain import _identity
+from ...disk.chain import file_identity
 from ...disk.image import Image
 from ...disk.locks import lock
 from ...exceptions import ChainError, UnsafeOperationError, UnsupportedFeatureError
@@ -52,7 +52,7 @@ def lock_chain(stack: contextlib.ExitStack, chain: MergeChain, remove_child: boo
              "as a parent" if remove_child else "it cannot be merged while it changes")
     target = chain.target
     writable = stack.enter_context(Image(target.path, "r+", strict=strict))
-    if _identity(writable) != _identity(target):
+    if file_identity(writable) != file_identity(target):
         raise ChainError("the target file was replaced while opening it", path=target.path, field="file")
     return writable
 

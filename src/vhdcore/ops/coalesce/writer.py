@@ -17,140 +17,23 @@ Ordering (the child overlays the target, so only the target's *metadata* can mak
 * At the end, if the region was not filled (all-zero blocks are not allocated), the footer goes to the real end,
   is made durable, and only then is the file cut after it.
 
-Test support (the one documented fault-injection point; nothing else reads these variables):
-
-* ``VHDCORE_FAULT_AFTER_WRITES=N``: the N-th write (1-based; pwrite, copy_file_range and ftruncate on any file
-  coalesce modifies, relinking included) fails as ``VHDCORE_FAULT_ACTION`` says: ``eio`` (OSError EIO, the
-  default), ``kill`` (SIGKILL before the write) or ``torn`` (the first half of it, sector-rounded, then SIGKILL).
-* ``VHDCORE_FAULT_RECORD=PATH``: append every write (path, offset, bytes), every ``fdatasync`` (logged before it
-  starts: writes logged before it are durable once it returns) and every truncation to PATH, so a test can
-  rebuild the states a power cut could leave (``read_record``).
+Every write goes through :class:`vhdcore.fileio.WriteIO` (with its fault-injection and recording hooks).
 """
 from __future__ import annotations
 
-import errno
 import os
-import signal
-import struct
 import threading
-from typing import Iterator
 
 import numpy as np
 
-from ...disk.image import BLOCK_DATA_ALIGNMENT, Image
+from ...disk.image import Image
+from ...format.layout import BLOCK_DATA_ALIGNMENT
+from ...fileio import WriteIO
 from ...format.structs import FOOTER_SIZE, SECTOR_SIZE
 
 MiB = 1024 * 1024
-# Writes into new file space are split into iovecs of this size (single 2 MiB writes run at a fraction of it).
-WRITE_PIECE = 256 * 1024
 # Bitmaps of existing differencing blocks waiting for their data to be durable, before a commit is forced.
 MAX_PENDING_BITMAP_BYTES = 8 * MiB
-
-_REC = struct.Struct("<cHQQ")  # kind (W write, S sync, T truncate), path length, offset, data length
-
-
-def pieces(mv: memoryview) -> list[memoryview]:
-    return [mv[i : i + WRITE_PIECE] for i in range(0, len(mv), WRITE_PIECE)]
-
-
-class WriteIO:
-    """Every write coalesce makes: counted, and open to fault injection and recording (module docstring)."""
-
-    def __init__(self) -> None:
-        self.writes = 0
-        self.syncs = 0
-        self._lock = threading.Lock()  # the commit thread writes too
-        self.fault_at = 0
-        self.fault_action = "eio"
-        raw = os.environ.get("VHDCORE_FAULT_AFTER_WRITES")
-        if raw:
-            self.fault_at = int(raw)
-            self.fault_action = os.environ.get("VHDCORE_FAULT_ACTION", "eio")
-            if self.fault_action not in ("eio", "kill", "torn"):
-                raise ValueError(f"VHDCORE_FAULT_ACTION must be eio, kill or torn, not {self.fault_action!r}")
-        rec = os.environ.get("VHDCORE_FAULT_RECORD")
-        self._rec = open(rec, "ab") if rec else None  # noqa: SIM115 - closed by close()
-
-    def close(self) -> None:
-        if self._rec is not None:
-            self._rec.close()
-            self._rec = None
-
-    def _count(self, fd: int, data: bytes | None, offset: int) -> None:
-        with self._lock:
-            self.writes += 1
-            n = self.writes
-        if n != self.fault_at:
-            return
-        if self.fault_action == "eio":
-            raise OSError(errno.EIO, f"injected fault at write {n} (VHDCORE_FAULT_AFTER_WRITES)")
-        if self.fault_action == "torn" and data:
-            half = len(data) // 2 // SECTOR_SIZE * SECTOR_SIZE
-            if half:
-                os.pwrite(fd, data[:half], offset)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def _record(self, kind: bytes, fd: int, offset: int, data: bytes = b"", length: int | None = None) -> None:
-        path = os.readlink(f"/proc/self/fd/{fd}").encode()
-        with self._lock:
-            self._rec.write(_REC.pack(kind, len(path), offset, len(data) if length is None else length))
-            self._rec.write(path)
-            self._rec.write(data)
-            self._rec.flush()
-
-    def pwritev(self, fd: int, bufs: list, offset: int) -> None:
-        if self.fault_at or self._rec:
-            flat = b"".join(bytes(b) for b in bufs)
-            self._count(fd, flat, offset)
-        else:
-            self._count(fd, None, offset)
-        total = sum(len(b) for b in bufs)
-        done = os.pwritev(fd, bufs, offset)
-        if done < total:  # rare on regular files: finish piecewise
-            rest = memoryview(b"".join(bytes(b) for b in bufs))
-            while done < total:
-                done += os.pwrite(fd, rest[done:], offset + done)
-        if self._rec:
-            self._record(b"W", fd, offset, flat)
-
-    def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
-        """Kernel-side copy of ``n`` bytes (OSError EXDEV/ENOSYS/... when the file systems cannot)."""
-        data = os.pread(src_fd, n, src_off) if (self.fault_action == "torn" and self.fault_at) or self._rec else None
-        self._count(dst_fd, data, dst_off)
-        done = 0
-        while done < n:
-            got = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
-            if got <= 0:
-                raise OSError(errno.EIO, f"copy_file_range copied nothing at source offset {src_off + done}")
-            done += got
-        if self._rec:
-            self._record(b"W", dst_fd, dst_off, data)
-
-    def ftruncate(self, fd: int, size: int) -> None:
-        self._count(fd, None, size)
-        os.ftruncate(fd, size)
-        if self._rec:
-            self._record(b"T", fd, size)
-
-    def fdatasync(self, fd: int) -> None:
-        if self._rec:
-            self._record(b"S", fd, 0)
-        with self._lock:
-            self.syncs += 1
-        os.fdatasync(fd)
-
-
-def read_record(path: str) -> Iterator[tuple[str, str, int, bytes]]:
-    """The operations a ``VHDCORE_FAULT_RECORD`` file holds: (kind "W"/"S"/"T", file path, offset, data)."""
-    with open(path, "rb") as f:
-        while True:
-            head = f.read(_REC.size)
-            if len(head) < _REC.size:
-                return
-            kind, plen, offset, dlen = _REC.unpack(head)
-            p = f.read(plen).decode()
-            data = f.read(dlen) if kind == b"W" else b""
-            yield kind.decode(), p, offset, data
 
 
 class TargetWriter:
@@ -357,4 +240,4 @@ class TargetWriter:
             img.footer_source = "end"
 
 
-__all__ = ["WriteIO", "TargetWriter", "read_record", "pieces", "WRITE_PIECE"]
+__all__ = ["TargetWriter"]
