@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from .exceptions import VHDError
+from .exceptions import MissingDependencyError
 
 __all__ = ["MissingDependencyError", "require_scheme", "install_hint"]
 
@@ -18,10 +18,6 @@ SCHEME_CLIENTS = {"swift": ("swiftclient", "swift"), "s3": ("boto3", "s3")}
 
 # top-level module -> what to install; every other vhdcore import is a core dependency
 _MODULE_EXTRA = {"swiftclient": "swift", "boto3": "s3", "botocore": "s3"}
-
-
-class MissingDependencyError(VHDError, ImportError):
-    """A feature's library is not installed; the message names what to ``pip install``."""
 
 
 def install_hint(module: str) -> str:

@@ -20,25 +20,10 @@ import os
 import stat
 from typing import Iterable
 
-from .exceptions import VHDError
+from .exceptions import DestinationError, DestinationExistsError
 from .fileio import atomic_output  # noqa: F401 - the durable way to write a destination
 
 __all__ = ["DestinationError", "DestinationExistsError", "check_destination", "atomic_output"]
-
-
-class DestinationError(VHDError):
-    """A destination the command must not write: part of its source, not a regular file, or no directory."""
-
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, **kw) -> None:
-        kw.setdefault("field", "destination")
-        super().__init__(message, path=path, **kw)
-
-
-class DestinationExistsError(DestinationError, FileExistsError):
-    """The destination exists and ``overwrite`` was not given."""
-
-    def __str__(self) -> str:  # FileExistsError would otherwise format errno/filename
-        return VHDError.__str__(self)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

@@ -10,6 +10,16 @@ import os
 from typing import Any, Sequence
 
 __all__ = [
+    "DestinationError",
+    "DestinationExistsError",
+    "NoSpaceError",
+    "JournalError",
+    "UploadError",
+    "ObjectNameError",
+    "MissingDependencyError",
+    "CheckFailedError",
+    "JobRecordError",
+    "StageTimeout",
     "VHDError",
     "InvalidFormatError",
     "ChecksumError",
@@ -151,3 +161,63 @@ def error_object(exc: BaseException) -> dict[str, Any]:
                 "path": exc.filename, "offset": None, "field": None}
     code = "InvalidArgument" if isinstance(exc, ValueError) else type(exc).__name__
     return {"code": code, "message": str(exc), "path": None, "offset": None, "field": None}
+
+
+# Errors of particular operations and destinations (raised where their module says; defined here so that
+# every public error is importable from vhdcore and from this one module).
+
+
+class DestinationError(VHDError):
+    """A destination the command must not write: part of its source, not a regular file, or no directory."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, **kw) -> None:
+        kw.setdefault("field", "destination")
+        super().__init__(message, path=path, **kw)
+
+
+class DestinationExistsError(DestinationError, FileExistsError):
+    """The destination exists and ``overwrite`` was not given."""
+
+    def __str__(self) -> str:  # FileExistsError would otherwise format errno/filename
+        return VHDError.__str__(self)
+
+
+class NoSpaceError(DestinationError):
+    """The destination's file system has less free space than the worst-case output needs."""
+
+
+class JournalError(UnsafeOperationError):
+    """A coalesce journal that does not describe this chain: refused, nothing deleted or written."""
+
+
+class UploadError(VHDError):
+    """A remote upload failed after its retries (or a returned etag did not match what we sent).
+
+    ``path`` is the destination URL, ``offset`` the byte offset in the uploaded stream of the failing
+    segment (when there is one), ``field``/``value`` what was wrong (e.g. ``etag`` and the etag received).
+    """
+
+
+class ObjectNameError(VHDError, ValueError):
+    """A container, bucket or object name that could reach another object than the one it reads as."""
+
+    def __init__(self, message: str, *, value: Any = None) -> None:
+        super().__init__(message, field="object name", value=value)
+
+
+class MissingDependencyError(VHDError, ImportError):
+    """A feature's library is not installed; the message names what to ``pip install``."""
+
+
+class CheckFailedError(VHDError):
+    """The chain has findings severe enough that imaging it would ship a broken disk."""
+
+
+class JobRecordError(VHDError):
+    """A job record that cannot be read, or that describes another job than the one being run."""
+
+
+class StageTimeout(VHDError):
+    """A stage ran past its time limit and stopped at a consistent point; the job should be retried later."""
+
+    retry_later = True

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .exceptions import VHDError
+from .exceptions import CheckFailedError
 from .progress import ProgressCallback, Stages, TaskState, as_progress
 
 
@@ -36,10 +36,6 @@ class ImagingReport:
                 "growth": self.growth, "coalesce": self.coalesce, "compact": self.compact, "export": self.export,
                 "seconds": round(sum(self.seconds.values()), 3), "stage_seconds": self.seconds,
                 "warnings": self.warnings}
-
-
-class CheckFailedError(VHDError):
-    """The chain has findings severe enough that imaging it would ship a broken disk."""
 
 
 # Each stage's share of the whole job, for the percentage and ETA a user sees: roughly the bytes each moves

@@ -28,12 +28,12 @@ from ..exceptions import (
     UnsupportedFeatureError,
     VHDError,
 )
-from ..fileio import preadinto_exact, pwrite_all, zero_fill  # noqa: F401 - zero_fill is re-exported
+from ..fileio import preadinto_exact, pwrite_all
 from ..format import locators
 from ..format.geometry import Geometry
 from ..format.layout import BLOCK_DATA_ALIGNMENT
 from ..format import rules as R
-from ..format.rules import MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE  # noqa: F401 - re-exported
+from ..format.rules import MAX_BAT_ENTRIES
 from ..format.structs import (
     FOOTER,
     FOOTER_SIZE,

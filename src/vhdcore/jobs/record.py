@@ -26,7 +26,7 @@ import uuid
 from typing import Any
 
 from ..destination import atomic_output
-from ..exceptions import VHDError, error_object
+from ..exceptions import JobRecordError, StageTimeout, error_object
 from ..progress import utc_now
 
 __all__ = ["JobRecord", "JobRecordError", "StageTimeout", "RECORD_NAME", "SCHEMA", "STATES", "TERMINAL"]
@@ -38,16 +38,6 @@ MAX_TRANSITIONS = 10_000            # a job retried forever must not grow its re
 STATES = ("queued", "preparing", "coalescing", "saving", "uploading", "complete", "failed", "retry")
 TERMINAL = ("complete", "failed")
 PROGRESS_INTERVAL = 1.0
-
-
-class JobRecordError(VHDError):
-    """A job record that cannot be read, or that describes another job than the one being run."""
-
-
-class StageTimeout(VHDError):
-    """A stage ran past its time limit and stopped at a consistent point; the job should be retried later."""
-
-    retry_later = True
 
 
 class JobRecord:

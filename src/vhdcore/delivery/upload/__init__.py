@@ -24,18 +24,10 @@ import urllib.parse
 from typing import Any
 
 from ..._extras import require_scheme
-from ...exceptions import VHDError
+from ...exceptions import ObjectNameError, UploadError
 
 __all__ = ["Sink", "UploadResult", "UploadError", "ObjectNameError", "check_object_name", "open_sink",
            "parse_destination", "deliver", "DeliveryResult"]
-
-
-class UploadError(VHDError):
-    """A remote upload failed after its retries (or a returned etag did not match what we sent).
-
-    ``path`` is the destination URL, ``offset`` the byte offset in the uploaded stream of the failing
-    segment (when there is one), ``field``/``value`` what was wrong (e.g. ``etag`` and the etag received).
-    """
 
 
 @dataclasses.dataclass
@@ -102,13 +94,6 @@ class Sink:
 MAX_CONTAINER_BYTES = 256
 MAX_OBJECT_BYTES = 1024
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-
-
-class ObjectNameError(VHDError, ValueError):
-    """A container, bucket or object name that could reach another object than the one it reads as."""
-
-    def __init__(self, message: str, *, value: Any = None) -> None:
-        super().__init__(message, field="object name", value=value)
 
 
 def check_object_name(scheme: str, container: str, name: str) -> None:

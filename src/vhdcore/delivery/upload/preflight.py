@@ -21,16 +21,13 @@ import os
 import tempfile
 from typing import Any, Iterable
 
-from ...destination import DestinationError, check_destination
+from ...destination import check_destination
+from ...exceptions import DestinationError, NoSpaceError  # noqa: F401 - NoSpaceError re-exported
 from . import parse_destination
 
 __all__ = ["preflight", "worst_case_output", "NoSpaceError"]
 
 MiB = 1024 * 1024
-
-
-class NoSpaceError(DestinationError):
-    """The destination's file system has less free space than the worst-case output needs."""
 
 
 def worst_case_output(package_size: int, compression: str, manifest: bool = True, known_zero: int = 0) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ...disk.chain import resolve_parent
 from ...fileio import WriteIO, atomic_output, pwrite_all
-from ...exceptions import ChainError, UnsafeOperationError, VHDError
+from ...exceptions import ChainError, JournalError, VHDError
 from ...format import locators
 from ...format.geometry import vhd_timestamp
 from ...format.locators import parent_locators_for
@@ -249,10 +249,6 @@ def write_journal(child_path: str, record: dict) -> str:
 
 # A journal holds a few KiB per relinked child; anything larger is not one of ours.
 MAX_JOURNAL_BYTES = 16 * 1024 * 1024
-
-
-class JournalError(UnsafeOperationError):
-    """A coalesce journal that does not describe this chain: refused, nothing deleted or written."""
 
 
 def read_journal(child_path: str) -> dict | None:
