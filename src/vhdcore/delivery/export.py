@@ -216,7 +216,7 @@ def export(
     ``DEST.xxh3.json`` (uploaded beside a remote object), a path or URL puts it there, False skips it.
     ``block_size`` (vhd), ``unique_id`` and ``timestamp`` (vhd, fixed footers) shape the new disk;
     ``zero_scan`` (vhd; default: when a layer is a fixed VHD) reads the blocks once first to leave out all-zero ones.
-    ``read_limiter`` / ``upload_limiter`` (:class:`vhdcore.jobs.throttle.TokenBucket`) cap the bytes read through
+    ``read_limiter`` / ``upload_limiter`` (:class:`vhdcore.throttle.TokenBucket`) cap the bytes read through
     the chain and the bytes handed to the destination, per second (``--max-read-rate``, ``--max-upload-rate``).
     Other keyword options go to the sink (``segment_size``, ``concurrency``, credentials, ``fsync``...).
     A local destination and a local manifest obey the destination rule (:mod:`vhdcore.destination`): an existing
@@ -257,7 +257,7 @@ def export(
     with open_chain(src, "r", parent_dirs, strict=strict) as disk:
         check_outputs([img.path for img in disk.layers])
         if read_limiter is not None:  # every read of the export (zero scan, package, manifest) pays the bucket
-            from ..jobs.throttle import throttled_readinto
+            from ..throttle import throttled_readinto
 
             disk.readinto = throttled_readinto(disk.readinto, read_limiter)  # type: ignore[method-assign]
         want_manifest = manifest is not False

@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from .record import JobRecord, JobRecordError, StageTimeout
 from .runner import run_job
-from .throttle import TokenBucket
+from ..throttle import TokenBucket
 
 __all__ = ["JobRecord", "JobRecordError", "StageTimeout", "TokenBucket", "run_job"]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from ..exceptions import VHDError
 from ..progress import ProgressCallback, as_progress
 from .record import JobRecord, StageTimeout
-from .throttle import TokenBucket
+from ..throttle import TokenBucket
 
 __all__ = ["run_job", "job_options", "is_retryable", "EXIT_RETRY_LATER"]
 
