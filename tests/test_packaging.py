@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
 DISK = "dfvfs/ntfs-dynamic.vhd"  # a 4 MiB dynamic disk Windows made: quick to export, sha256 known
 # Quick parts of the suite, run from the unpacked sdist; test_kernels needs the compiled module.
-SUBSET = ["tests/test_structs.py", "tests/test_geometry.py", "tests/test_create.py"]
+SUBSET = ["tests/format/test_structs.py", "tests/format/test_geometry.py", "tests/ops/test_create.py"]
 SUBSET_COMPILED = SUBSET + ["tests/test_kernels.py"]
 
 pytestmark = [
@@ -156,8 +156,8 @@ def test_sdist_is_a_complete_source_release(release):
     print(f"\n[packaging] sdist: {len(files)} files, {release['sdist'].stat().st_size} bytes")
     for must in ("LICENSE", "PKG-INFO", "README.md", "MANIFEST.in", "setup.py", "pyproject.toml",
                  "build_backend/vhdcore_build.py", "src/vhdcore/_coalesce.pyx", "src/vhdcore/_coalesce.c",
-                 "src/vhdcore/py.typed", "docs/ARCHITECTURE.md", "tests/conftest.py", "tests/vhdtest.py",
-                 "tests/delivery/conftest.py", "tests/hostile/cases.py", "tests/guest/guestimages.py",
+                 "src/vhdcore/py.typed", "docs/ARCHITECTURE.md", "tests/conftest.py", "tests/support/vhdtest.py",
+                 "tests/delivery/conftest.py", "tests/support/hostile/cases.py", "tests/support/guestimages.py",
                  "tests/data/corpus/expected.json", "tests/data/corpus/NOTICE", f"tests/data/corpus/{DISK}"):
         assert must in names, must
     tracked = _run(["git", "ls-files", "tests"], cwd=ROOT, check=False)

@@ -284,7 +284,7 @@ def test_a_hostile_journal_is_refused_and_nothing_is_touched(tmp_path, variant) 
 def test_kill_between_unlinking_the_child_and_the_journal_reruns_cleanly(tmp_path, monkeypatch) -> None:
     import sys
 
-    C = sys.modules["vhdcore.coalesce"]
+    C = sys.modules["vhdcore.ops.coalesce"]
     paths, model = build_chain(tmp_path, 3, size=2 * MiB, block_size=512 * 1024, writes=10, seed=13)
     base, leaf = paths[0], paths[-1]
     real_unlink = os.unlink
@@ -345,8 +345,8 @@ def test_snapshot_and_coalesce_exclude_each_other(tmp_path, monkeypatch) -> None
 
     from vhdcore.exceptions import LockError, UnsafeOperationError
 
-    C = sys.modules["vhdcore.coalesce"]
-    create_mod = sys.modules["vhdcore.create"]
+    C = sys.modules["vhdcore.ops.coalesce"]
+    create_mod = sys.modules["vhdcore.ops.create"]
     paths, model = build_chain(tmp_path, 3, size=2 * MiB, block_size=512 * 1024, writes=10, seed=3)
     base, mid, leaf = paths
     real_check = C._check_safety

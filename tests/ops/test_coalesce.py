@@ -240,7 +240,7 @@ def test_collapse_chain_into_base(tmp_path, depth, base_type, block_size) -> Non
 def test_crash_while_deleting_merged_layers_is_finished_by_a_rerun(tmp_path, monkeypatch) -> None:
     # base <- l1 <- l2 <- l3 (leaf) <- grand; coalesce l3 into base, removing l3..l1. The run dies after the first
     # deletion: l1 is gone, so l3's chain no longer opens; coalescing l3 again must finish from the journal.
-    C = sys.modules["vhdcore.coalesce"]  # the module (vhdcore.coalesce is the function)
+    C = sys.modules["vhdcore.ops.coalesce"]  # the module (vhdcore.coalesce is the function)
 
     paths, model = build_chain(tmp_path, 4, size=8 * MiB, block_size=512 * 1024, writes=20, seed=3)
     base, leaf = paths[0], paths[-1]
