@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Some test modules import helpers from others by bare name (test_cli, test_json_schema, test_image), as pytest
+# imports every test module; their directories go on the path so that any one directory or file runs alone.
+for _shared in ("cli", "disk"):
+    sys.path.insert(1, str(Path(__file__).parent / _shared))
 
 TESTS = Path(__file__).parent
 CORPUS = TESTS / "data" / "corpus"
