@@ -6,6 +6,8 @@ import pytest
 
 from vhdcore.destination import DestinationError, DestinationExistsError, atomic_output, check_destination
 
+pytestmark = pytest.mark.backend_independent  # path and file rules only: no kernel
+
 
 def test_new_file_in_existing_directory(tmp_path):
     assert check_destination(tmp_path / "out.vhd") == str(tmp_path / "out.vhd")

@@ -87,7 +87,7 @@ def venv(tmp_path_factory, release) -> Path:
     path = tmp_path_factory.mktemp("venv")
     _run([sys.executable, "-m", "venv", "--clear", path])
     _timed("new venv: setuptools, wheel, the wheel with its dependencies and [test]",
-           [path / "bin" / "python", "-m", "pip", "install", "-q", "setuptools>=77", "wheel",
+           [path / "bin" / "python", "-m", "pip", "install", "-q", "--no-compile", "setuptools>=77", "wheel",
             f"{release['wheel']}[test]"], env=_env(path))
     assert _run([path / "bin" / "python", "-c", "import Cython"], check=False).returncode != 0, "venv has Cython"
     return path
@@ -101,8 +101,10 @@ def _env(venv: Path, **extra: str) -> dict[str, str]:
 
 
 def _pip_install(venv: Path, label: str, target: str, *args: str, env: dict[str, str] | None = None):
-    # --no-deps after the first install: only vhdcore changes; --no-cache-dir: nothing built here is reused later.
+    # --no-deps after the first install: only vhdcore changes; --no-cache-dir: nothing built here is reused later;
+    # --no-compile (here and for the dependencies): Python writes the .pyc files it needs on import anyway.
     return _timed(label, [venv / "bin" / "python", "-m", "pip", "install", "--no-cache-dir", "--force-reinstall",
+                          "--no-compile",
                           *args, target], env=env or _env(venv))
 
 

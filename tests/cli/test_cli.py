@@ -37,6 +37,7 @@ def chain(tmp_path: Path) -> tuple[list[Path], bytearray]:
     return build_chain(tmp_path, depth=3, size=8 * MiB, writes=10, seed=2)
 
 
+@pytest.mark.backend_independent
 def test_info_json_of_a_chain(chain) -> None:
     paths, _ = chain
     info = json.loads(vhdcore_cli("info", "--json", paths[-1]).stdout)
@@ -61,6 +62,7 @@ def test_info_json_of_a_chain(chain) -> None:
     assert "differencing" in text and "chain depth" in text and str(paths[1].resolve()) in text
 
 
+@pytest.mark.backend_independent
 def test_info_json_fixed_and_virtual_pc() -> None:
     fixed = main_json("info", "--json", CORPUS / "dfvfs" / "ntfs-fixed.vhd")
     assert LAYER_FIELDS <= set(fixed)
@@ -73,6 +75,7 @@ def test_info_json_fixed_and_virtual_pc() -> None:
     assert "CHS size" in text and "136363130880" in text
 
 
+@pytest.mark.backend_independent
 def test_info_ignore_checksums_reports_warning() -> None:
     r = vhdcore_cli("info", "--json", CORPUS / "dfvfs" / "image-differential.vhd", check=False)
     assert r.returncode != 0 and "checksum" in r.stderr
@@ -136,6 +139,7 @@ def test_create_snapshot_convert_json(tmp_path: Path) -> None:
     assert "raw" in txt and len(txt.splitlines()) == 1
 
 
+@pytest.mark.backend_independent
 def test_help_and_version() -> None:
     r = vhdcore_cli("--help")
     for name in ("info", "map", "create", "snapshot", "convert"):
@@ -171,6 +175,7 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "x.vhd").exists()
 
 
+@pytest.mark.backend_independent
 def test_runtime_errors_are_one_line(tmp_path: Path, chain) -> None:
     paths, _ = chain
     missing = tmp_path / "missing.vhd"

@@ -15,6 +15,9 @@ import pytest
 
 from support.vhdtest import MiB, build_chain
 
+# What is shown (events, the bar), not what the kernels compute: the Cython pass only, like test_json_schema.
+pytestmark = pytest.mark.backend_independent
+
 KEYS = {"command", "stage", "state", "done", "total", "percent", "task_percent", "rate", "eta", "elapsed", "time"}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

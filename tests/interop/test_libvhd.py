@@ -81,6 +81,7 @@ def test_coalesce_into_a_libvhd_dynamic_base(tmp_path: Path, how: str) -> None:
         same_in_both(base, bytes(model))  # the base alone holds the whole content now
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("size", [100 * MiB, 1 * GiB, 40 * GiB, 127 * GiB, 2040 * GiB, 12345 * 512, 3 * MiB + 512])
 def test_created_disks_pass_libvhd_and_qemu_read_the_full_size(tmp_path: Path, size: int) -> None:
     """3: libvhd accepts vhdcore's geometry, and qemu-img reads the full virtual size."""

@@ -93,6 +93,7 @@ def test_data_under_clear_bits_found_then_set_on_request_then_undone(tmp_path: P
     assert p.read_bytes() == original
 
 
+@pytest.mark.backend_independent
 def test_geometry_too_large_as_libvhd_judges_it(tmp_path: Path) -> None:
     """FOOTER_GEOMETRY_TOO_LARGE exactly where `vhd-util check` says "geometry too large" (qemu's force_size
     disks record the maximum geometry; at 200 GiB the maximum is the specification's)."""
@@ -106,6 +107,7 @@ def test_geometry_too_large_as_libvhd_judges_it(tmp_path: Path) -> None:
         assert libvhd_rejects == (size != "200G")
 
 
+@pytest.mark.backend_independent
 def test_parent_name_against_locators_as_libvhd_judges_it(tmp_path: Path) -> None:
     """A parent unicode name that is a full path (as Windows writes it) fails libvhd's check; check says so."""
     base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import random
 from pathlib import Path
 
@@ -181,15 +179,3 @@ def test_convert_partial_last_block(tmp_path: Path) -> None:
                 assert d.size == size and d.read(0, size) == model
     assert np.frombuffer(qemu_raw(tmp_path / "o.fixed", tmp_path / "q.raw").read_bytes(), np.uint8).size == size
 
-
-@pytest.mark.backend_independent
-def test_public_functions_survive_their_module_being_imported() -> None:
-    """vhdcore.convert (and check, coalesce, ...) stay the functions even when their module is imported first."""
-    code = ("import vhdcore.convert, vhdcore.check\n"
-            "from vhdcore.coalesce import coalesce as c\n"
-            "import vhdcore\n"
-            "assert callable(vhdcore.convert) and vhdcore.ops.convert.__module__ == 'vhdcore.convert'\n"
-            "assert callable(vhdcore.check) and vhdcore.coalesce is c\n"
-            "from vhdcore import convert\n"
-            "assert callable(convert)\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
