@@ -145,3 +145,15 @@ def test_help_lists_the_pinned_commands() -> None:
     assert r.returncode == 0, r.stderr
     listed = re.findall(r"^    (\S+)", r.stdout, re.MULTILINE)  # sub-commands; help continuation is indented more
     assert listed == HELP_NAMES, r.stdout
+
+
+def test_a_command_imports_only_its_own_module() -> None:
+    """A command's start-up loads that command's module only (each costs start-up time in every short call);
+    --help still loads and lists them all (test above)."""
+    code = ("import sys\nfrom vhdcore.cli import main as m\n"
+            "try:\n    m.main(['set-parent', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sorted(k for k in sys.modules if k.startswith('vhdcore.cli.'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(r.stdout.strip().splitlines()[-1].split())  # the last line; --help printed before it
+    assert "vhdcore.cli.setparent" in loaded
+    assert not loaded & {f"vhdcore.cli.{c}" for c in COMMANDS if c != "setparent"}, loaded
