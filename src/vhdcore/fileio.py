@@ -35,6 +35,7 @@ import numpy as np
 
 from .format.structs import SECTOR_SIZE
 
+# Writes into new file space are cut to this size (module docstring): every writer of fresh space uses it.
 WRITE_PIECE = 256 * 1024
 
 
