@@ -31,7 +31,7 @@ from ..exceptions import (
 from ..fileio import preadinto_exact, pwrite_all
 from ..format import locators
 from ..format.geometry import Geometry
-from ..format.layout import BLOCK_DATA_ALIGNMENT
+from ..format.layout import next_block
 from ..format import rules as R
 from ..format.rules import MAX_BAT_ENTRIES
 from ..format.structs import (
@@ -463,9 +463,7 @@ class Image:
 
     def new_block_offset(self) -> int:
         """Sector-aligned offset for a new block, so that its data starts on a page boundary."""
-        end = self.data_end()
-        data = -(-(end + self.bitmap_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT
-        return data - self.bitmap_size
+        return next_block(self.data_end(), self.bitmap_size)
 
     def allocate_block(self, b: int, in_block: int = 0, piece: memoryview | bytes = b"",
                        bitmap: bytes | None = None, sync: bool = False) -> int:
