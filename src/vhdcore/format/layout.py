@@ -33,7 +33,7 @@ from .structs import (
     Footer,
     bitmap_bytes,
 )
-from .rules import block_size_ok
+from .rules import block_size_ok, entries_needed, table_bytes
 
 # New blocks are placed so that their data (after the bitmap) starts on this boundary, as Windows does:
 # page-aligned data keeps reads, writes and copy_file_range on whole pages.
@@ -119,9 +119,9 @@ def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: Disk
     Returns the file size. Layout: footer copy at 0, header at 512, BAT at 1536, locator data after the BAT
     in whole sectors (:func:`vhdcore.format.locators.place`), footer. Blocks are appended later.
     """
-    mte = -(-size // block_size)
+    mte = entries_needed(size, block_size)
     table_offset = FOOTER_SIZE + HEADER_SIZE
-    bat_bytes = round_up(mte * 4, SECTOR_SIZE)
+    bat_bytes = table_bytes(mte)
     locs, loc_data, pos = place(locators, table_offset + bat_bytes)
     footer = make_footer(size, disk_type, data_offset=FOOTER_SIZE, unique_id=unique_id, like=like)
     header = DynamicHeader(
@@ -149,12 +149,12 @@ def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: Disk
 
 def first_block_position(size: int, block_size: int) -> int:
     """Where write_dynamic_layout ends its metadata (the footer's place before any block is added)."""
-    mte = -(-size // block_size)
-    return FOOTER_SIZE + HEADER_SIZE + -(-mte * 4 // SECTOR_SIZE) * SECTOR_SIZE
+    return FOOTER_SIZE + HEADER_SIZE + table_bytes(entries_needed(size, block_size))
 
 
 def next_block(pos: int, bm_size: int) -> int:
-    """Start of the next block's bitmap: its data begins page-aligned, like the blocks vhdcore appends elsewhere."""
+    """Start of the next block's bitmap at or after ``pos``: its data begins page-aligned. Every writer places
+    blocks by it (``Image.allocate_block``, convert, the ``vhd`` package, coalesce's writer)."""
     return -(-(pos + bm_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm_size
 
 

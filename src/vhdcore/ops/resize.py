@@ -47,6 +47,7 @@ from ..exceptions import ChainError, InvalidFormatError, LockError, UnsafeOperat
     VHDError
 from ..disk.image import Image
 from ..format.layout import BLOCK_DATA_ALIGNMENT
+from ..format.rules import MAX_BAT_ENTRIES, entries_needed
 from ..format.structs import (
     FOOTER,
     FOOTER_SIZE,
@@ -200,7 +201,7 @@ def _plan_dynamic(img: Image, new: int) -> _Plan:
     hoff = img.footer.data_offset
     to = h.table_offset
     old_mte = img.max_table_entries
-    need = -(-new // bs)
+    need = entries_needed(new, bs)
     mte = max(old_mte, need)
     span = img.bitmap_size + bs
     bat = img.bat
@@ -209,7 +210,7 @@ def _plan_dynamic(img: Image, new: int) -> _Plan:
     reserve = None
     locs = list(h.parent_locators)
     moved_blocks = moved_locs = 0
-    old_need = -(-img.size // bs)
+    old_need = entries_needed(img.size, bs)
     footer_at = img.data_end()
     # Entries between the old and the new size (growing), or past the new size (shrinking), must read as
     # nothing: a block there holds no data of the disk (checked for a shrink; beyond the size for a grow).
@@ -459,8 +460,8 @@ def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = False,
                 if img.footer_offset < 0:
                     raise InvalidFormatError("the footer at the end of the file is missing: run 'vhdcore repair' "
                                              "first", path=path, field="footer")
-                need = -(-size // img.block_size)
-                if need > 1 << 24:
+                need = entries_needed(size, img.block_size)
+                if need > MAX_BAT_ENTRIES:
                     raise UnsupportedFeatureError(f"{need} blocks of {img.block_size} bytes are too many for a BAT",
                                                   path=path, field="header.block_size", value=img.block_size)
                 plan = _plan_dynamic(img, size)

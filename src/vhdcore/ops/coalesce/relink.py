@@ -27,6 +27,7 @@ from ...exceptions import ChainError, JournalError, VHDError
 from ...format import locators
 from ...format.geometry import vhd_timestamp
 from ...format.locators import parent_locators_for
+from ...format.rules import table_bytes
 from ...disk.image import Image
 from ...format.structs import (
     FOOTER_SIZE,
@@ -350,7 +351,7 @@ def check_plan_bytes(plan: RelinkPlan, path: str, parent_id: uuid.UUID | None, j
                 cur.table_offset, cur.max_table_entries, cur.block_size, cur.data_offset):
             raise refuse("would change the disk's block table or block size")
         slots = {(loc.data_offset, loc.data_space_bytes) for loc in new.parent_locators if loc.is_used}
-        bat_end = cur.table_offset + -(-4 * cur.max_table_entries // SECTOR_SIZE) * SECTOR_SIZE
+        bat_end = cur.table_offset + table_bytes(cur.max_table_entries)
         span = img.bitmap_size + img.block_size
         starts = img.bat[img.allocated_blocks()].astype(np.int64) * SECTOR_SIZE
         for off, data in data_writes:
