@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from .rules import table_bytes
 from .structs import (
     EMPTY_LOCATOR,
     FOOTER_SIZE,
@@ -220,7 +221,7 @@ class Room:
         """The room of a dynamic or differencing ``vhdcore.disk.image.Image``."""
         h = img.header
         hoff = img.footer.data_offset
-        bat_end = h.table_offset + _round_up(img.max_table_entries * 4, SECTOR_SIZE)
+        bat_end = h.table_offset + table_bytes(img.max_table_entries)
         # Nothing before the header's end: a journal's plan is refused there too (relink.check_plan_bytes).
         taken = [(0, max(FOOTER_SIZE, hoff + HEADER_SIZE)), (hoff, hoff + HEADER_SIZE), (h.table_offset, bat_end)]
         if img.batmap is not None:

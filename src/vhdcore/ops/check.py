@@ -42,6 +42,7 @@ from ..format.structs import (
     HEADER,
     HEADER_COOKIE,
     HEADER_SIZE,
+    LOCATOR,
     LOCATOR_SLOTS,
     MAX_LOCATOR_BYTES,
     SECTOR_SIZE,
@@ -52,6 +53,7 @@ from ..format.structs import (
     Footer,
     ParentLocator,
     bitmap_bytes,
+    locator_entry_offset,
     version_supported,
 )
 
@@ -742,7 +744,8 @@ def _check_locators(f: _File, a: FileAnalysis, c: _Collector, header: DynamicHea
     for i, loc in enumerate(header.parent_locators[:LOCATOR_SLOTS]):
         if not loc.is_used:
             continue
-        o = hoff + 576 + 24 * i
+        o = hoff + locator_entry_offset(i)
+        o_data = o + LOCATOR.offset("data_offset")  # where most locator findings point
         fld = f"header.parent_locator[{i}]"
         space = loc.data_space_bytes
         start = loc.data_offset
@@ -751,11 +754,11 @@ def _check_locators(f: _File, a: FileAnalysis, c: _Collector, header: DynamicHea
         if 0 < start and start + space <= fsize and space <= MAX_LOCATOR_BYTES:
             for name, ms, me in a.metadata:
                 if start < me and start + space > ms:
-                    c.add("LOCATOR_OVERLAP", o + 16, fld + ".data_offset",
+                    c.add("LOCATOR_OVERLAP", o_data, fld + ".data_offset",
                           f"data at {start}..{start + space} overlaps the {name} at {ms}..{me}")
             for j, s2, e2 in placed:
                 if start < e2 and start + space > s2:
-                    c.add("LOCATOR_OVERLAP", o + 16, fld + ".data_offset",
+                    c.add("LOCATOR_OVERLAP", o_data, fld + ".data_offset",
                           f"data at {start}..{start + space} overlaps parent locator {j} at {s2}..{e2}")
             placed.append((i, start, start + space))
         if loc.platform_code not in _LOCATOR_ORDER:
@@ -763,13 +766,13 @@ def _check_locators(f: _File, a: FileAnalysis, c: _Collector, header: DynamicHea
             continue
         a.locators.append((i, loc))
         if loc.data_length <= 0 or loc.data_length > space or loc.data_length > MAX_LOCATOR_BYTES:
-            c.add("LOCATOR_LENGTH", o + 8, fld + ".data_length",
+            c.add("LOCATOR_LENGTH", o + LOCATOR.offset("data_length"), fld + ".data_length",
                   f"data length {loc.data_length} with data space {space} bytes")
         if start % SECTOR_SIZE:
-            c.add("LOCATOR_ALIGNMENT", o + 16, fld + ".data_offset", f"data offset {start}")
+            c.add("LOCATOR_ALIGNMENT", o_data, fld + ".data_offset", f"data offset {start}")
         stop = start + max(space, loc.data_length)
         if start <= 0 or stop > fsize or space > MAX_LOCATOR_BYTES:
-            c.add("LOCATOR_OUTSIDE_FILE", o + 16, fld + ".data_offset",
+            c.add("LOCATOR_OUTSIDE_FILE", o_data, fld + ".data_offset",
                   f"data at {start}..{stop} is outside the {fsize}-byte file or absurdly large")
             continue
         if 0 < loc.data_length <= min(space, MAX_LOCATOR_BYTES):
@@ -805,7 +808,8 @@ def _check_parent_name_vs_locators(a: FileAnalysis, c: _Collector, pname_raw: by
     except UnicodeDecodeError:
         return  # HEADER_PARENT_NAME says so
     if not pname.isascii():
-        c.add("PARENT_NAME_LOCATOR_MISMATCH", hoff + 64, "header.parent_unicode_name",
+        c.add("PARENT_NAME_LOCATOR_MISMATCH", hoff + HEADER.offset("parent_unicode_name"),
+              HEADER.field("parent_unicode_name"),
               f"the parent name {pname!r} is not ASCII: libvhd cannot decode it and rejects the disk")
         return
     for slot, loc in a.locators:
@@ -829,7 +833,7 @@ def _check_parent_name_vs_locators(a: FileAnalysis, c: _Collector, pname_raw: by
             continue  # libvhd's check reads only these three
         name = _posix_basename(path)
         if name != pname:
-            c.add("PARENT_NAME_LOCATOR_MISMATCH", hoff + 576 + 24 * slot, f"header.parent_locator[{slot}]",
+            c.add("PARENT_NAME_LOCATOR_MISMATCH", hoff + locator_entry_offset(slot), f"header.parent_locator[{slot}]",
                   f"{loc.platform_code.decode('latin-1')} locator names {name!r}, the parent unicode name (as "
                   f"libvhd reads it) is {pname!r}")
 
