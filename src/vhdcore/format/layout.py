@@ -17,6 +17,7 @@ import numpy as np
 from .geometry import Geometry, chs_from_size, geometry_for_new_disk, vhd_timestamp
 from .locators import place
 from .structs import (
+    BATMAP_CREATOR,
     CREATOR_APP,
     CREATOR_VERSION,
     FEATURE_RESERVED,
@@ -101,7 +102,7 @@ def keeps_identity(src: Footer, size: int) -> bool:
     geometry fails libvhd's check), not for "tap\0" (it promises libvhd a batmap that vhdcore does not write),
     and not when the geometry is larger than the specification's for the size (libvhd rejects it).
     """
-    if src.current_size != size or src.creator_app in (OLD_CREATOR_APP, b"tap\0"):
+    if src.current_size != size or src.creator_app in (OLD_CREATOR_APP, BATMAP_CREATOR):
         return False
     geo = Geometry.unpack(src.geometry)
     return geo.heads > 0 and geo.sectors_per_track > 0 and geo.pack() <= chs_from_size(size).pack()

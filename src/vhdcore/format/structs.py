@@ -26,6 +26,8 @@ HEADER_SIZE = 1024
 FOOTER_COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
 BATMAP_COOKIE = b"tdbatmap"
+# The creator application of blktap (XenServer); libvhd keeps a batmap after the BAT only in its files.
+BATMAP_CREATOR = b"tap\0"
 FORMAT_VERSION = 0x00010000
 HEADER_VERSION = 0x00010000
 FEATURE_TEMPORARY = 0x1
