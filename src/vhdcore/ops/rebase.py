@@ -37,7 +37,7 @@ from . import journal
 from ..disk.chain import Disk, open_chain
 from .coalesce.writer import TargetWriter
 from ..exceptions import ChainError, InvalidFormatError, UnsafeOperationError
-from ..disk.extents import Extent
+from ..disk.extents import Extent, same_stored_bytes
 from ..fileio import WriteIO, zero_fill
 from ..disk.image import NOT_HERE, Image
 from .coalesce.relink import RelinkPlan, apply_relink, plan_from_json, plan_relink
@@ -136,20 +136,6 @@ def _three_way(own: Iterator[tuple[int, int, bool]], a: Iterator[Extent], b: Ite
             eb = next(b, None)
 
 
-def _same_run(ea: Extent, eb: Extent, ids: dict) -> bool:
-    if ea.is_zero or eb.is_zero or ea.file_offset - ea.offset != eb.file_offset - eb.offset:
-        return False
-
-    def ident(e: Extent):
-        key = id(e.layer)
-        if key not in ids:
-            st = os.fstat(e.layer.fd)
-            ids[key] = (st.st_dev, st.st_ino)
-        return ids[key]
-
-    return ident(ea) == ident(eb)
-
-
 def _read(ext: Extent, pos: int, mv: memoryview) -> None:
     if ext.is_zero:
         zero_fill(mv)
@@ -246,7 +232,7 @@ def _new_block_candidates(img: Image, old: Disk, new: Disk) -> int:
     seen = -1
     count = 0
     for start, end, ea, eb in _three_way(_own_runs(img, size), _backing(old, size), _backing(new, size)):
-        if ea.is_zero and eb.is_zero or _same_run(ea, eb, ids):
+        if ea.is_zero and eb.is_zero or same_stored_bytes(ea, eb, ids):
             continue
         for b in range(max(start // bs, seen + 1), (end - 1) // bs + 1):
             if int(img.bat[b]) == UNUSED_BAT_ENTRY:
@@ -268,7 +254,7 @@ def _copy_phase(child: Disk, new: Disk, io: WriteIO, progress: ProgressFn | None
     ids: dict = {}
     try:
         for start, end, ea, eb in _three_way(_own_runs(img, size), _backing(old, size), _backing(new, size)):
-            if ea.is_zero and eb.is_zero or _same_run(ea, eb, ids):
+            if ea.is_zero and eb.is_zero or same_stored_bytes(ea, eb, ids):
                 continue
             pos = start
             while pos < end:
