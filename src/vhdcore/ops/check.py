@@ -30,6 +30,7 @@ import numpy as np
 
 from ..exceptions import ChainCycleError, InvalidFormatError, ParentMismatchError, ParentNotFoundError, VHDError
 from .. import kernels as K
+from ..fileio import pread_upto
 from ..format import locators
 from ..format import rules as R
 from ..format.geometry import VHD_EPOCH, libvhd_chs, vhd_timestamp
@@ -313,16 +314,7 @@ class _File:
         """Up to ``n`` bytes at ``offset`` (fewer at the end of the file)."""
         if offset >= self.size or n <= 0:
             return b""
-        n = min(n, self.size - offset)
-        parts = []
-        got = 0
-        while got < n:
-            b = os.pread(self.fd, n - got, offset + got)
-            if not b:
-                break
-            parts.append(b)
-            got += len(b)
-        return b"".join(parts)
+        return pread_upto(self.fd, offset, min(n, self.size - offset))
 
     def close(self) -> None:
         if self.fd >= 0:
