@@ -42,12 +42,11 @@ from .. import kernels as K
 from . import journal
 from ..disk.chain import Disk, open_chain
 from ..fileio import WriteIO
-from ..format.layout import MAX_CREATE_SIZE, make_footer
+from ..format.layout import MAX_CREATE_SIZE, make_footer, next_block
 from ..exceptions import ChainError, InvalidFormatError, LockError, UnsafeOperationError, UnsupportedFeatureError, \
     VHDError
 from ..disk.image import Image
-from ..format.layout import BLOCK_DATA_ALIGNMENT
-from ..format.rules import MAX_BAT_ENTRIES, entries_needed
+from ..format.rules import MAX_BAT_ENTRIES, entries_needed, table_bytes
 from ..format.structs import (
     FOOTER,
     FOOTER_SIZE,
@@ -217,7 +216,7 @@ def _plan_dynamic(img: Image, new: int) -> _Plan:
     lo, hi = (old_need, need) if new > img.size else (need, old_need)
     stale = [b for b in range(lo, min(hi, old_mte)) if int(bat[b]) != UNUSED_BAT_ENTRY]
     if mte > old_mte:
-        new_bat_end = to + _round(mte * 4)
+        new_bat_end = to + table_bytes(mte)
         region_end = new_bat_end
         batmap = None
         if img.batmap is not None:
@@ -257,7 +256,7 @@ def _plan_dynamic(img: Image, new: int) -> _Plan:
         bat_writes: list[tuple] = []
         for b in in_way:
             src = int(bat[b]) * SECTOR_SIZE
-            dst = _round(pos + img.bitmap_size, BLOCK_DATA_ALIGNMENT) - img.bitmap_size
+            dst = next_block(pos, img.bitmap_size)
             copies.append((src, dst, span))
             bat_writes.append(("w", to + 4 * b, (dst // SECTOR_SIZE).to_bytes(4, "big")))
             pos = dst + span
