@@ -29,6 +29,7 @@ from .structs import (
     NO_DATA_OFFSET,
     OLD_CREATOR_APP,
     SECTOR_SIZE,
+    UNUSED_BAT_ENTRY,
     DiskType,
     DynamicHeader,
     Footer,
@@ -140,7 +141,7 @@ def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: Disk
     fpacked = footer.pack()
     os.pwrite(fd, fpacked, 0)
     os.pwrite(fd, header.pack(), FOOTER_SIZE)
-    bat = np.full(bat_bytes // 4, 0xFFFFFFFF, dtype=">u4").tobytes()
+    bat = np.full(bat_bytes // 4, UNUSED_BAT_ENTRY, dtype=">u4").tobytes()
     os.pwrite(fd, bat, table_offset)
     for off, data in loc_data:
         os.pwrite(fd, data, off)

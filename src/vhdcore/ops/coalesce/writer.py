@@ -29,7 +29,7 @@ import numpy as np
 from ...disk.image import Image
 from ...format.layout import block_stride, next_block
 from ...fileio import WriteIO
-from ...format.structs import FOOTER_SIZE, SECTOR_SIZE
+from ...format.structs import FOOTER_SIZE, SECTOR_SIZE, UNUSED_BAT_ENTRY
 
 MiB = 1024 * 1024
 # Bitmaps of existing differencing blocks waiting for their data to be durable, before a commit is forced.
@@ -201,7 +201,7 @@ class TargetWriter:
         if len(raw) != 4 * len(self.disk_bat):
             return
         bat = np.frombuffer(raw, dtype=">u4")
-        used = bat[bat != 0xFFFFFFFF].astype(np.int64)
+        used = bat[bat != UNUSED_BAT_ENTRY].astype(np.int64)
         end = max(int(used.max()) * SECTOR_SIZE + self.span if len(used) else 0, self.img.metadata_end)
         end = -(-end // SECTOR_SIZE) * SECTOR_SIZE
         if end >= self.eof_footer:
