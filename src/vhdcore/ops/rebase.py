@@ -42,7 +42,7 @@ from ..fileio import WriteIO, zero_fill
 from ..disk.image import NOT_HERE, Image
 from .coalesce.relink import RelinkPlan, apply_relink, plan_from_json, plan_relink
 from .setparent import _with_file_name, refuse_cycle
-from ..format.structs import SECTOR_SIZE, UNUSED_BAT_ENTRY
+from ..format.structs import FOOTER, SECTOR_SIZE, UNUSED_BAT_ENTRY
 
 __all__ = ["rebase", "RebaseReport", "journal_path"]
 
@@ -329,7 +329,7 @@ def rebase(child: str | os.PathLike[str], new_parent: str | os.PathLike[str], *,
             leaf = cdisk.leaf
             if not leaf.is_differencing:
                 raise ChainError("not a differencing disk: it has no parent to replace", path=leaf.path,
-                                 field="footer.disk_type", value=int(leaf.disk_type))
+                                 field=FOOTER.field("disk_type"), value=int(leaf.disk_type))
             if leaf.footer_offset < 0:
                 raise InvalidFormatError("the footer at the end of the file is missing: run 'vhdcore repair' first",
                                          path=leaf.path, field="footer")
@@ -342,7 +342,7 @@ def rebase(child: str | os.PathLike[str], new_parent: str | os.PathLike[str], *,
                     raise UnsafeOperationError(
                         f"the new parent's virtual size {ndisk.size} differs from the child's {leaf.size}; rebase "
                         "needs a parent of the same size (resize one of them first)", path=parent_s,
-                        field="footer.current_size", value=ndisk.size)
+                        field=FOOTER.field("current_size"), value=ndisk.size)
                 plan = _with_file_name(plan_relink(child_s, ndisk.leaf), ndisk.leaf.path)
                 doc = {"kind": "rebase", "phase": "copy", "old_parent": os.path.realpath(old_parent),
                        "new_parent": os.path.realpath(parent_s), "plan": plan.to_json()}

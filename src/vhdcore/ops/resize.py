@@ -49,6 +49,7 @@ from ..disk.image import Image
 from ..format.rules import MAX_BAT_ENTRIES, entries_needed, table_bytes
 from ..format.structs import (
     FOOTER,
+    HEADER,
     FOOTER_SIZE,
     SECTOR_SIZE,
     UNUSED_BAT_ENTRY,
@@ -462,7 +463,7 @@ def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = False,
                 need = entries_needed(size, img.block_size)
                 if need > MAX_BAT_ENTRIES:
                     raise UnsupportedFeatureError(f"{need} blocks of {img.block_size} bytes are too many for a BAT",
-                                                  path=path, field="header.block_size", value=img.block_size)
+                                                  path=path, field=HEADER.field("block_size"), value=img.block_size)
                 plan = _plan_dynamic(img, size)
             uid, footer_off, dtype = str(img.unique_id), img.footer_offset, img.disk_type.label
         report = ResizeReport(path, dtype, old, size, plan.mte, plan.blocks_moved, plan.locators_moved,
