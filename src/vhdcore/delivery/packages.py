@@ -46,7 +46,6 @@ from ..format.layout import (
     first_block_position,
     make_footer,
     next_block,
-    round_up,
 )
 from ..format.rules import entries_needed, table_bytes
 from ..format.structs import (
@@ -59,6 +58,7 @@ from ..format.structs import (
     DiskType,
     DynamicHeader,
     bitmap_bytes,
+    round_up,
 )
 from .digests import XXH3Manifest
 

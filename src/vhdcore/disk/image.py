@@ -48,6 +48,7 @@ from ..format.structs import (
     ParentLocator,
     Table,
     bitmap_bytes,
+    round_up,
 )
 
 NOT_HERE = -1
@@ -315,7 +316,7 @@ class Image:
         end = max(self.blocks_end, self.metadata_end)
         if self.footer_offset >= 0:
             end = max(end, self.footer_offset)
-        return -(-end // SECTOR_SIZE) * SECTOR_SIZE
+        return round_up(end, SECTOR_SIZE)
 
     # ----------------------------------------------------------------------------------------- I/O
 

@@ -34,6 +34,7 @@ from .structs import (
     DynamicHeader,
     Footer,
     bitmap_bytes,
+    round_up,
 )
 from .rules import block_size_ok, entries_needed, table_bytes
 
@@ -50,10 +51,6 @@ DEFAULT_BLOCK_SIZE = 2 * MiB
 # The specification's limit for a VHD (Hyper-V refuses larger ones).
 MAX_CREATE_SIZE = 2040 * GiB
 NIL_UUID = uuid.UUID(int=0)
-
-
-def round_up(n: int, a: int) -> int:
-    return -(-n // a) * a
 
 
 def check_size(size: int, block_size: int | None = None) -> None:

@@ -43,6 +43,7 @@ from .structs import (
     BatmapHeader,
     DiskType,
     ParentLocator,
+    round_up,
     version_supported,
 )
 
@@ -139,7 +140,7 @@ def entries_needed(virtual_size: int, block_size: int) -> int:
 
 def table_bytes(entries: int) -> int:
     """Bytes the BAT of ``entries`` entries occupies in the file: padded to whole sectors."""
-    return -(-entries * 4 // SECTOR_SIZE) * SECTOR_SIZE
+    return round_up(entries * 4, SECTOR_SIZE)
 
 
 # --------------------------------------------------------------------------------------------- footer
@@ -306,7 +307,7 @@ def batmap_regions(header_offset: int, batmap: BatmapHeader, file_size: int) -> 
 
 def metadata_end(regions: Sequence[Region]) -> int:
     """Where the metadata ends (sector-rounded): no block may start before it."""
-    return -(-max(r.end for r in regions) // SECTOR_SIZE) * SECTOR_SIZE
+    return round_up(max(r.end for r in regions), SECTOR_SIZE)
 
 
 class BlockPlacement:

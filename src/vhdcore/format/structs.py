@@ -468,11 +468,15 @@ class DynamicHeader:
         return bitmap_bytes(self.block_size)
 
 
+def round_up(n: int, a: int) -> int:
+    """``n`` rounded up to a whole number of ``a`` (sectors, pages): the one rounding the format's sizes use."""
+    return -(-n // a) * a
+
+
 def bitmap_bytes(block_size: int) -> int:
     """Bytes of sector bitmap in front of each block: one bit per sector, padded to whole sectors."""
     spb = block_size // SECTOR_SIZE
-    raw = (spb + 7) // 8
-    return (raw + SECTOR_SIZE - 1) // SECTOR_SIZE * SECTOR_SIZE
+    return round_up((spb + 7) // 8, SECTOR_SIZE)
 
 
 # --------------------------------------------------------------------------------------------- batmap

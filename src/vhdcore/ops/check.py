@@ -54,6 +54,7 @@ from ..format.structs import (
     ParentLocator,
     bitmap_bytes,
     locator_entry_offset,
+    round_up,
     version_supported,
 )
 
@@ -398,10 +399,6 @@ class _Collector:
             if more > 0:
                 self.a.findings.append(Finding("TOO_MANY_FINDINGS", INFO, None, None,
                                                f"{more} more {code} findings not listed", self.a.path))
-
-
-def _pad(n: int) -> int:
-    return -(-n // SECTOR_SIZE) * SECTOR_SIZE
 
 
 def analyse_file(path: str, *, time_slack: int = DEFAULT_TIME_SLACK, now: int | None = None,
@@ -973,7 +970,7 @@ def _finish_footer_position(f: _File, a: FileAnalysis, c: _Collector) -> None:
 
 def _find_displaced_footer(f: _File, start: int, footer_raw: bytes) -> int:
     """Offset of the first sector-aligned exact copy of ``footer_raw`` at or after ``start`` (bounded search)."""
-    start = _pad(start)
+    start = round_up(start, SECTOR_SIZE)
     stop = min(f.size, start + FOOTER_SEARCH_BYTES)
     pos = start
     while pos + FOOTER_SIZE <= stop:

@@ -19,7 +19,7 @@ from typing import Iterator
 from ..exceptions import InvalidFormatError
 from ..disk.extents import Extent
 from ..fileio import preadinto_exact, zero_fill
-from ..format.structs import FOOTER_COOKIE, FOOTER_SIZE, SECTOR_SIZE
+from ..format.structs import FOOTER_COOKIE, FOOTER_SIZE, SECTOR_SIZE, round_up
 
 __all__ = ["RawDisk", "looks_like_vhd", "data_runs"]
 
@@ -88,7 +88,7 @@ class RawDisk:
         except BaseException:
             os.close(self.fd)
             raise
-        self.size = -(-self.file_size // SECTOR_SIZE) * SECTOR_SIZE
+        self.size = round_up(self.file_size, SECTOR_SIZE)
         self.layers: list = []
         self.leaf = self  # what convert asks for its default block size
         self.block_size = 0

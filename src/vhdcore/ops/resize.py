@@ -58,6 +58,7 @@ from ..format.structs import (
     Footer,
     ParentLocator,
     locator_entry_offset,
+    round_up,
 )
 
 __all__ = ["resize", "ResizeReport", "journal_path", "first_data_offset"]
@@ -93,7 +94,7 @@ def journal_path(path: str) -> str:
 
 
 def _round(n: int, a: int = SECTOR_SIZE) -> int:
-    return -(-n // a) * a
+    return round_up(n, a)
 
 
 # --------------------------------------------------------------------------------------------- checks

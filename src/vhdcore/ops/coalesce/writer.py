@@ -29,7 +29,7 @@ import numpy as np
 from ...disk.image import Image
 from ...format.layout import block_stride, next_block
 from ...fileio import WriteIO
-from ...format.structs import FOOTER_SIZE, SECTOR_SIZE, UNUSED_BAT_ENTRY
+from ...format.structs import FOOTER_SIZE, SECTOR_SIZE, UNUSED_BAT_ENTRY, round_up
 
 MiB = 1024 * 1024
 # Bitmaps of existing differencing blocks waiting for their data to be durable, before a commit is forced.
@@ -54,7 +54,7 @@ class TargetWriter:
             self.span = img.bitmap_size + img.block_size
             self.stride = block_stride(img.block_size)
             start = max(img.blocks_end, img.metadata_end)
-            self.pos = -(-start // SECTOR_SIZE) * SECTOR_SIZE
+            self.pos = round_up(start, SECTOR_SIZE)
             self.eof_footer = img.footer_offset  # the footer that ends the file now
             # The BAT as it is on disk: committed runs are written from here, never from img.bat, whose newer
             # entries may point at data not yet durable.
@@ -203,7 +203,7 @@ class TargetWriter:
         bat = np.frombuffer(raw, dtype=">u4")
         used = bat[bat != UNUSED_BAT_ENTRY].astype(np.int64)
         end = max(int(used.max()) * SECTOR_SIZE + self.span if len(used) else 0, self.img.metadata_end)
-        end = -(-end // SECTOR_SIZE) * SECTOR_SIZE
+        end = round_up(end, SECTOR_SIZE)
         if end >= self.eof_footer:
             return
         try:
