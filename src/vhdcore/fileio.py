@@ -35,6 +35,7 @@ import numpy as np
 
 from .format.structs import SECTOR_SIZE
 
+# Writes into new file space are cut to this size (module docstring): every writer of fresh space uses it.
 WRITE_PIECE = 256 * 1024
 
 
@@ -89,6 +90,20 @@ def preadinto_exact(fd: int, mv: memoryview, offset: int) -> int:
             break
         done += got
     return done
+
+
+def pread_upto(fd: int, offset: int, n: int) -> bytes:
+    """``n`` bytes at ``offset``, fewer only at the end of the file: memory follows what the file holds, not
+    ``n`` (read in pieces of at most 64 MiB)."""
+    parts = []
+    got = 0
+    while got < n:
+        b = os.pread(fd, min(n - got, 64 * 1024 * 1024), offset + got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
 
 
 def pieces(mv: memoryview) -> list[memoryview]:
@@ -243,5 +258,5 @@ def read_record(path: str) -> Iterator[tuple[str, str, int, bytes]]:
             yield kind.decode(), p, offset, data
 
 
-__all__ = ["WRITE_PIECE", "zero_fill", "pwrite_all", "preadinto_exact", "pieces", "fsync_dir", "atomic_output",
+__all__ = ["WRITE_PIECE", "zero_fill", "pwrite_all", "preadinto_exact", "pread_upto", "pieces", "fsync_dir", "atomic_output",
            "WriteIO", "read_record"]

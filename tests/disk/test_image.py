@@ -24,7 +24,8 @@ from vhdcore.exceptions import (
     UnsupportedFeatureError,
 )
 from vhdcore.format.geometry import chs_from_size
-from vhdcore.disk.image import BLOCK_DATA_ALIGNMENT, Image
+from vhdcore.disk.image import Image
+from vhdcore.format.layout import BLOCK_DATA_ALIGNMENT
 from vhdcore.format.structs import (
     BATMAP_COOKIE,
     FOOTER_SIZE,

@@ -91,3 +91,11 @@ def print_json_error(exc: BaseException) -> None:
     from ..exceptions import error_object
 
     print_json(error_object(exc))
+
+
+def report_error(args: argparse.Namespace, exc: BaseException, what: str = "error", message: str | None = None) -> None:
+    """A command that could not do its job: one line on stderr ("vhdcore CMD: WHAT: message", the message being
+    ``exc``'s unless given); with --json also the error object (docs/json.md) on stdout."""
+    print(f"vhdcore {args.command}: {what}: {exc if message is None else message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print_json_error(exc)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..ops.check import INFO, CheckReport, check
 from ..exceptions import VHDError
-from ._common import print_json, print_json_error
+from ._common import print_json, report_error
 
 NAME = "check"
 HELP = "verify a disk's footer, header, BAT, locators and parents; exit 0 clean, 1 findings, 2 could not check"
@@ -47,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         rep = check(args.path, chain=args.chain, parent_dirs=args.parent_dir)
     except (OSError, VHDError) as e:
-        print(f"vhdcore check: could not check: {e}", file=sys.stderr)
-        if args.json:
-            print_json_error(e)
+        report_error(args, e, "could not check")
         return EXIT_COULD_NOT_CHECK
     if args.json:
         print_json(rep.to_dict())

@@ -55,15 +55,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _report(args: argparse.Namespace, e: BaseException) -> None:
-    """One line on stderr; with --json also the error object (docs/json.md) on stdout."""
-    print(f"vhdcore {args.command}: error: {e}", file=sys.stderr)
-    if getattr(args, "json", False):
-        from ._common import print_json_error
+    """The error's line and, with --json, its object (``_common.report_error``); a reader gone away from stdout
+    is not an error of its own here."""
+    from ._common import report_error
 
-        try:
-            print_json_error(e)
-        except BrokenPipeError:
-            pass
+    try:
+        report_error(args, e)
+    except BrokenPipeError:
+        pass
 
 
 def _broken_pipe() -> int:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..ops.check import INFO
 from ..exceptions import VHDError
 from ..ops.repair import RepairReport, repair, undo
-from ._common import print_json, print_json_error
+from ._common import print_json, report_error
 
 NAME = "repair"
 HELP = ("restore a torn footer from its copy, rewrite a bad footer copy, cut bytes after the footer, "
@@ -56,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
         rep = repair(args.path, dry_run=args.dry_run, fix_checksums=args.fix_checksums,
                      set_bitmap_bits=args.set_bitmap_bits, parent_dirs=args.parent_dir)
     except (OSError, VHDError) as e:
-        print(f"vhdcore repair: error: {e}", file=sys.stderr)
-        if args.json:
-            print_json_error(e)
+        report_error(args, e)
         return 2
     if args.json:
         print_json(rep.to_dict())

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import sys
 
 from ..delivery.verify import verify
 from ..exceptions import VHDError
 from ..delivery.export import MANIFEST_SUFFIX
 from ._progress import add_progress_argument, progress_from_args
-from ._common import (add_open_arguments, add_remote_arguments, parse_size, print_json, print_json_error,
+from ._common import (add_open_arguments, add_remote_arguments, parse_size, print_json, report_error,
                       remote_options)
 from ..delivery.tarstream import TarLimits
 
@@ -54,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
         src = args.target + MANIFEST_SUFFIX
         if "://" not in src and not os.path.exists(src):
             msg = f"no SRC given and no manifest beside {args.target} ({src})"
-            print(f"vhdcore verify: could not verify: {msg}", file=sys.stderr)
-            if args.json:
-                print_json_error(FileNotFoundError(errno.ENOENT, msg, src))
+            report_error(args, FileNotFoundError(errno.ENOENT, msg, src), "could not verify", msg)
             return EXIT_COULD_NOT_VERIFY
     try:
         with progress_from_args(args, "verify") as progress:
@@ -66,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
                                               max_members=args.max_members, max_expanded_bytes=args.max_expanded),
                          **remote_options(args, args.target if args.target.startswith("swift://") else src))
     except (OSError, ValueError, VHDError) as e:
-        print(f"vhdcore verify: could not verify: {e}", file=sys.stderr)
-        if args.json:
-            print_json_error(e)
+        report_error(args, e, "could not verify")
         return EXIT_COULD_NOT_VERIFY
     if args.json:
         print_json(rep.to_dict())

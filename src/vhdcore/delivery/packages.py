@@ -47,6 +47,7 @@ from ..format.layout import (
     make_footer,
     next_block,
 )
+from ..format.rules import entries_needed, table_bytes
 from ..format.structs import (
     FOOTER_SIZE,
     HEADER_SIZE,
@@ -57,6 +58,7 @@ from ..format.structs import (
     DiskType,
     DynamicHeader,
     bitmap_bytes,
+    round_up,
 )
 from .digests import XXH3Manifest
 
@@ -75,10 +77,6 @@ MIN_ZERO_RUN = 64 * KiB
 FIXED_ALIGNMENT = MiB
 _ZEROS = memoryview(bytes(READ_SIZE))
 _NIL_UUID = uuid.UUID(int=0)
-
-
-def _round_up(n: int, a: int) -> int:
-    return -(-n // a) * a
 
 
 def _zeros(n: int) -> Iterator[memoryview]:
@@ -212,9 +210,9 @@ class VhdPackage(Package):
             self.blocks = self._nonzero(self.blocks)
         self.data_blocks = len(self.blocks)
         self.bitmap_size = bm = bitmap_bytes(bs)
-        mte = -(-size // bs)
+        mte = entries_needed(size, bs)
         self.table_offset = FOOTER_SIZE + HEADER_SIZE
-        self.bat_bytes = _round_up(mte * 4, SECTOR_SIZE)
+        self.bat_bytes = table_bytes(mte)
         first = first_block_position(size, bs)
         # Data of every block starts page-aligned; the k-th block is one constant stride after the first.
         self.first_block = next_block(first, bm)
@@ -304,7 +302,7 @@ class FlatPackage(Package):
         self.manifest = manifest
         self.fixed = fixed
         self.plan = content_plan(disk)
-        self.content_size = _round_up(disk.size, FIXED_ALIGNMENT) if fixed else disk.size
+        self.content_size = round_up(disk.size, FIXED_ALIGNMENT) if fixed else disk.size
         self.size = self.content_size + (FOOTER_SIZE if fixed else 0)
         zeros = [(off, n) for off, n, is_data in self.plan if not is_data and n >= MIN_ZERO_RUN]
         zeros.append((disk.size, self.content_size - disk.size))
@@ -398,9 +396,9 @@ class ChainTarPackage(Package):
             info.uname = info.gname = ""
             header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
             self.members.append((img, header, size, patches))
-            total += len(header) + _round_up(size, tarfile.BLOCKSIZE)
+            total += len(header) + round_up(size, tarfile.BLOCKSIZE)
         total += 2 * tarfile.BLOCKSIZE  # end-of-archive marker
-        self.size = _round_up(total, tarfile.RECORDSIZE)
+        self.size = round_up(total, tarfile.RECORDSIZE)
 
     def chunks(self) -> Iterator[memoryview]:
         buf = bytearray(READ_SIZE)
@@ -421,7 +419,7 @@ class ChainTarPackage(Package):
                 yield mv[:k]
                 pos += k
             produced += size
-            pad = _round_up(size, tarfile.BLOCKSIZE) - size
+            pad = round_up(size, tarfile.BLOCKSIZE) - size
             if pad:
                 yield _ZEROS[:pad]
                 produced += pad

@@ -25,7 +25,7 @@ from ..format.geometry import vhd_timestamp
 from ..fileio import zero_fill
 from ..format.locators import candidate_paths
 from .image import NOT_HERE, Image
-from ..format.structs import HEADER, SECTOR_SIZE
+from ..format.structs import HEADER, SECTOR_SIZE, UNUSED_BAT_ENTRY
 
 # Deeper chains exist nowhere in practice; a longer one is a loop through copies or a hostile file.
 MAX_CHAIN_DEPTH = 128
@@ -243,7 +243,7 @@ class Disk:
             b = voff // bs
             k = min(n - pos, (b + 1) * bs - voff)
             entry = int(bat[b])
-            if entry == 0xFFFFFFFF:
+            if entry == UNUSED_BAT_ENTRY:
                 zero_fill(mv[pos : pos + k])
             else:
                 s0 = (voff - b * bs) // SECTOR_SIZE

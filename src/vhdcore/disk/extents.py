@@ -2,6 +2,7 @@
 the blocks of a new layout that such runs touch."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Optional, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,6 +23,23 @@ class Extent(NamedTuple):
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+
+def same_stored_bytes(a: Extent, b: Extent, ids: dict) -> bool:
+    """Whether two runs read the same bytes of the same file (both held, one file by device and inode, the same
+    distance between disk and file offsets): such a pair is equal without being read. ``ids`` caches each
+    layer's identity (by ``id(layer)``) from one call to the next."""
+    if a.is_zero or b.is_zero or a.file_offset - a.offset != b.file_offset - b.offset:
+        return False
+
+    def identity(e: Extent) -> tuple[int, int]:
+        key = id(e.layer)
+        if key not in ids:
+            st = os.fstat(e.layer.fd)
+            ids[key] = (st.st_dev, st.st_ino)
+        return ids[key]
+
+    return identity(a) == identity(b)
 
 
 def merge_zero_runs(extents: Iterable[Extent]) -> Iterator[Extent]:

@@ -31,7 +31,7 @@ from ..exceptions import (
 from ..fileio import preadinto_exact, pwrite_all
 from ..format import locators
 from ..format.geometry import Geometry
-from ..format.layout import BLOCK_DATA_ALIGNMENT
+from ..format.layout import next_block
 from ..format import rules as R
 from ..format.rules import MAX_BAT_ENTRIES
 from ..format.structs import (
@@ -39,7 +39,6 @@ from ..format.structs import (
     FOOTER_SIZE,
     HEADER,
     HEADER_SIZE,
-    MAX_LOCATOR_BYTES,
     SECTOR_SIZE,
     UNUSED_BAT_ENTRY,
     BatmapHeader,
@@ -49,6 +48,7 @@ from ..format.structs import (
     ParentLocator,
     Table,
     bitmap_bytes,
+    round_up,
 )
 
 NOT_HERE = -1
@@ -238,51 +238,43 @@ class Image:
         self.max_table_entries = mte
         raw = self.pread(to, bat_bytes)
         self.bat = np.frombuffer(raw, dtype=">u4").astype(np.uint32)
-        bat_end = to + R.table_bytes(mte)
-        meta_end = max(hoff + HEADER_SIZE, bat_end, FOOTER_SIZE)
+        bat = R.bat_region(to, mte)
+        regions = [*R.header_regions(hoff), bat]
         self.parent_locators: list[ParentLocator] = []
         if self.disk_type == DiskType.DIFFERENCING:
             for i, loc in enumerate(h.parent_locators):
                 if not loc.is_used:
                     continue
                 self.parent_locators.append(loc)
-                end = loc.data_offset + loc.data_space_bytes
-                if 0 < loc.data_offset and end <= self.file_size and loc.data_space_bytes <= MAX_LOCATOR_BYTES:
-                    meta_end = max(meta_end, -(-end // SECTOR_SIZE) * SECTOR_SIZE)
-        if f.creator_app == b"tap\0":
-            bm = (BatmapHeader.parse(self.pread(bat_end, SECTOR_SIZE)) if bat_end + SECTOR_SIZE <= self.file_size
-                  else None)
+                region = R.locator_region(i, loc, self.file_size)
+                if region is not None:
+                    regions.append(region)
+        bm_at = R.batmap_header_offset(f.creator_app, bat.end, self.file_size)
+        if bm_at is not None:
+            bm = BatmapHeader.parse(self.pread(bm_at, SECTOR_SIZE))
             if bm is not None:
                 self.batmap = bm
-                meta_end = max(meta_end, bat_end + SECTOR_SIZE, bm.end if bm.end <= self.file_size else 0)
-        self.metadata_end = meta_end
-        self._check_blocks()
+                regions += R.batmap_regions(bm_at, bm, self.file_size)
+        self.metadata_end = R.metadata_end(regions)
+        self._check_blocks(regions)
 
-    def _check_blocks(self) -> None:
-        span = (self.bitmap_size + self.block_size) // SECTOR_SIZE
-        allocated, lowest, highest_end, overlaps = K.scan_bat(self.bat, span)
-        self.allocated_count = allocated
+    def _check_blocks(self, metadata: list[R.Region]) -> None:
         limit = self.footer_offset if self.footer_offset >= 0 else self.file_size
-        if allocated == 0:
-            self.blocks_end = self.metadata_end
-        else:
-            self.blocks_end = highest_end * SECTOR_SIZE
+        placed = R.BlockPlacement(self.bat, self.bitmap_size + self.block_size, limit, metadata)
+        self.allocated_count = placed.allocated
+        self.blocks_end = placed.blocks_end if placed.allocated else self.metadata_end
         # Structural bounds hold whatever ``strict`` says: it relaxes checksums only, and a block past the end
         # or two BAT entries sharing storage would make a writer put one block's data into another's.
-        if allocated == 0:
-            return
         to = self.header.table_offset
-        if highest_end * SECTOR_SIZE > limit:
-            idx = int(np.argmax(self.bat.astype(np.uint64) * (self.bat != UNUSED_BAT_ENTRY)))
-            raise CorruptImageError("a block lies past the end of the file (truncated?)", path=self.path,
-                                    offset=to + 4 * idx, field=f"bat[{idx}]", value=int(self.bat[idx]))
-        if lowest * SECTOR_SIZE < self.metadata_end:
-            idx = int(np.argmin(self.bat))
-            raise CorruptImageError("a block overlaps the header, BAT or locators", path=self.path,
-                                    offset=to + 4 * idx, field=f"bat[{idx}]", value=int(self.bat[idx]))
-        if overlaps:
-            raise CorruptImageError(f"{overlaps} pair(s) of blocks overlap", path=self.path, offset=to,
-                                    field="bat", value=overlaps)
+        for p in placed.problems():
+            if p.kind == R.BLOCK_PAST_END:
+                raise CorruptImageError("a block lies past the end of the file (truncated?)", path=self.path,
+                                        offset=to + p.offset, field=p.field, value=p.value)
+            if p.kind in (R.BLOCK_IN_METADATA, R.BLOCK_BEFORE_METADATA):
+                raise CorruptImageError("a block overlaps the header, BAT or locators", path=self.path,
+                                        offset=to + p.offset, field=p.field, value=p.value)
+            raise CorruptImageError(f"{p.value} pair(s) of blocks overlap", path=self.path, offset=to + p.offset,
+                                    field=p.field, value=p.value)
 
     # ----------------------------------------------------------------------------------------- facts
 
@@ -324,7 +316,7 @@ class Image:
         end = max(self.blocks_end, self.metadata_end)
         if self.footer_offset >= 0:
             end = max(end, self.footer_offset)
-        return -(-end // SECTOR_SIZE) * SECTOR_SIZE
+        return round_up(end, SECTOR_SIZE)
 
     # ----------------------------------------------------------------------------------------- I/O
 
@@ -463,9 +455,7 @@ class Image:
 
     def new_block_offset(self) -> int:
         """Sector-aligned offset for a new block, so that its data starts on a page boundary."""
-        end = self.data_end()
-        data = -(-(end + self.bitmap_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT
-        return data - self.bitmap_size
+        return next_block(self.data_end(), self.bitmap_size)
 
     def allocate_block(self, b: int, in_block: int = 0, piece: memoryview | bytes = b"",
                        bitmap: bytes | None = None, sync: bool = False) -> int:

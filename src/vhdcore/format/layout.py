@@ -17,6 +17,7 @@ import numpy as np
 from .geometry import Geometry, chs_from_size, geometry_for_new_disk, vhd_timestamp
 from .locators import place
 from .structs import (
+    BATMAP_CREATOR,
     CREATOR_APP,
     CREATOR_VERSION,
     FEATURE_RESERVED,
@@ -28,12 +29,14 @@ from .structs import (
     NO_DATA_OFFSET,
     OLD_CREATOR_APP,
     SECTOR_SIZE,
+    UNUSED_BAT_ENTRY,
     DiskType,
     DynamicHeader,
     Footer,
     bitmap_bytes,
+    round_up,
 )
-from .rules import block_size_ok
+from .rules import block_size_ok, entries_needed, table_bytes
 
 # New blocks are placed so that their data (after the bitmap) starts on this boundary, as Windows does:
 # page-aligned data keeps reads, writes and copy_file_range on whole pages.
@@ -48,10 +51,6 @@ DEFAULT_BLOCK_SIZE = 2 * MiB
 # The specification's limit for a VHD (Hyper-V refuses larger ones).
 MAX_CREATE_SIZE = 2040 * GiB
 NIL_UUID = uuid.UUID(int=0)
-
-
-def round_up(n: int, a: int) -> int:
-    return -(-n // a) * a
 
 
 def check_size(size: int, block_size: int | None = None) -> None:
@@ -101,7 +100,7 @@ def keeps_identity(src: Footer, size: int) -> bool:
     geometry fails libvhd's check), not for "tap\0" (it promises libvhd a batmap that vhdcore does not write),
     and not when the geometry is larger than the specification's for the size (libvhd rejects it).
     """
-    if src.current_size != size or src.creator_app in (OLD_CREATOR_APP, b"tap\0"):
+    if src.current_size != size or src.creator_app in (OLD_CREATOR_APP, BATMAP_CREATOR):
         return False
     geo = Geometry.unpack(src.geometry)
     return geo.heads > 0 and geo.sectors_per_track > 0 and geo.pack() <= chs_from_size(size).pack()
@@ -119,9 +118,9 @@ def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: Disk
     Returns the file size. Layout: footer copy at 0, header at 512, BAT at 1536, locator data after the BAT
     in whole sectors (:func:`vhdcore.format.locators.place`), footer. Blocks are appended later.
     """
-    mte = -(-size // block_size)
+    mte = entries_needed(size, block_size)
     table_offset = FOOTER_SIZE + HEADER_SIZE
-    bat_bytes = round_up(mte * 4, SECTOR_SIZE)
+    bat_bytes = table_bytes(mte)
     locs, loc_data, pos = place(locators, table_offset + bat_bytes)
     footer = make_footer(size, disk_type, data_offset=FOOTER_SIZE, unique_id=unique_id, like=like)
     header = DynamicHeader(
@@ -139,7 +138,7 @@ def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: Disk
     fpacked = footer.pack()
     os.pwrite(fd, fpacked, 0)
     os.pwrite(fd, header.pack(), FOOTER_SIZE)
-    bat = np.full(bat_bytes // 4, 0xFFFFFFFF, dtype=">u4").tobytes()
+    bat = np.full(bat_bytes // 4, UNUSED_BAT_ENTRY, dtype=">u4").tobytes()
     os.pwrite(fd, bat, table_offset)
     for off, data in loc_data:
         os.pwrite(fd, data, off)
@@ -149,12 +148,12 @@ def write_dynamic_layout(fd: int, size: int, block_size: int, *, disk_type: Disk
 
 def first_block_position(size: int, block_size: int) -> int:
     """Where write_dynamic_layout ends its metadata (the footer's place before any block is added)."""
-    mte = -(-size // block_size)
-    return FOOTER_SIZE + HEADER_SIZE + -(-mte * 4 // SECTOR_SIZE) * SECTOR_SIZE
+    return FOOTER_SIZE + HEADER_SIZE + table_bytes(entries_needed(size, block_size))
 
 
 def next_block(pos: int, bm_size: int) -> int:
-    """Start of the next block's bitmap: its data begins page-aligned, like the blocks vhdcore appends elsewhere."""
+    """Start of the next block's bitmap at or after ``pos``: its data begins page-aligned. Every writer places
+    blocks by it (``Image.allocate_block``, convert, the ``vhd`` package, coalesce's writer)."""
     return -(-(pos + bm_size) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm_size
 
 

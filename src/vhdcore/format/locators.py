@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from .rules import table_bytes
 from .structs import (
     EMPTY_LOCATOR,
     FOOTER_SIZE,
@@ -35,6 +36,7 @@ from .structs import (
     PLATFORM_WI2R,
     SECTOR_SIZE,
     ParentLocator,
+    round_up,
 )
 
 # The encoding of each platform that holds a path (a Mac alias, "Mac ", holds a binary blob, not a path).
@@ -42,10 +44,6 @@ ENCODINGS = {PLATFORM_W2RU: "utf-16-le", PLATFORM_W2KU: "utf-16-le", PLATFORM_MA
              PLATFORM_WI2R: "latin-1", PLATFORM_WI2K: "latin-1"}
 # What a new child records, in slot order: MacX first (libvhd takes the first locator that resolves, in slot order).
 NEW_CHILD_PLATFORMS = (PLATFORM_MACX, PLATFORM_W2KU, PLATFORM_W2RU)
-
-
-def _round_up(n: int, a: int) -> int:
-    return -(-n // a) * a
 
 
 # --------------------------------------------------------------------------------------------- encode
@@ -190,7 +188,7 @@ def place(locators: Sequence[tuple[bytes, bytes]], pos: int
     table: list[ParentLocator] = []
     writes: list[tuple[int, bytes]] = []
     for code, data in locators:
-        space = _round_up(max(len(data), 1), SECTOR_SIZE)
+        space = round_up(max(len(data), 1), SECTOR_SIZE)
         table.append(ParentLocator(code, space, len(data), pos))
         writes.append((pos, data))
         pos += space
@@ -220,7 +218,7 @@ class Room:
         """The room of a dynamic or differencing ``vhdcore.disk.image.Image``."""
         h = img.header
         hoff = img.footer.data_offset
-        bat_end = h.table_offset + _round_up(img.max_table_entries * 4, SECTOR_SIZE)
+        bat_end = h.table_offset + table_bytes(img.max_table_entries)
         # Nothing before the header's end: a journal's plan is refused there too (relink.check_plan_bytes).
         taken = [(0, max(FOOTER_SIZE, hoff + HEADER_SIZE)), (hoff, hoff + HEADER_SIZE), (h.table_offset, bat_end)]
         if img.batmap is not None:
@@ -244,7 +242,7 @@ class Room:
         for start, end in sorted((*self.taken, *others)):
             if pos + need <= min(start, self.first_block):
                 return pos
-            pos = max(pos, _round_up(end, SECTOR_SIZE))
+            pos = max(pos, round_up(end, SECTOR_SIZE))
         return pos if pos + need <= self.first_block else None
 
 
@@ -320,7 +318,7 @@ def fit(slots: Sequence[ParentLocator], wanted: Sequence[Wanted], room: Room) ->
             entry, space = ParentLocator(w.code, loc.data_space, len(w.data), loc.data_offset, loc.reserved), \
                 loc.data_space_bytes
         else:
-            space = _round_up(max(len(w.data), 1), SECTOR_SIZE)
+            space = round_up(max(len(w.data), 1), SECTOR_SIZE)
             off = room.free(space, kept)
             if off is None:
                 continue

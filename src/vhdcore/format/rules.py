@@ -9,16 +9,26 @@ the one difference between Image and check).
 Each problem names the field it is about as the structure's table in ``structs`` names it, with the field's
 offset from the start of its structure; the caller adds where the structure lies in the file.
 
+Where things lie in a dynamic file is written here once too: the metadata regions (footer copy, header, BAT,
+the locators' reserved space, blktap's batmap), where the metadata ends, and the rules for the blocks the BAT
+places (``BlockPlacement``: inside the data, after the metadata, not overlapping), which Image enforces on every
+open and check reports entry by entry.
+
 References: Microsoft "Virtual Hard Disk Image Format Specification" v1.0 (2006); blktap vhd-util (libvhd)
 ``vhd_validate_footer``/``vhd_validate_header`` for what XenServer refuses.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple, Sequence
 
+import numpy as np
+
+from .. import kernels as K
 from .geometry import MAX_GEOMETRY, Geometry, libvhd_chs
 from .structs import (
+    BATMAP_CREATOR,
     DISK_TYPES,
     FEATURE_RESERVED,
     FEATURE_TEMPORARY,
@@ -26,9 +36,14 @@ from .structs import (
     FOOTER_SIZE,
     HEADER,
     HEADER_SIZE,
+    MAX_LOCATOR_BYTES,
     NO_DATA_OFFSET,
     SECTOR_SIZE,
+    UNUSED_BAT_ENTRY,
+    BatmapHeader,
     DiskType,
+    ParentLocator,
+    round_up,
     version_supported,
 )
 
@@ -57,6 +72,14 @@ class Problem:
     field: str
     offset: int
     value: Any
+
+
+class Region(NamedTuple):
+    """A named byte range ``[start, end)`` of a file's metadata ("dynamic header", "parent locator 2")."""
+
+    name: str
+    start: int
+    end: int
 
 
 def _on(table: Any, name: str, kind: str, value: Any) -> Problem:
@@ -98,6 +121,12 @@ PARENT_ID_ZERO = "parent unique id all zeros"
 PARENT_TIMESTAMP_FUTURE = "parent timestamp in the future"
 PARENT_NAME = "parent name empty or not UTF-16"
 
+# Where blocks lie (BlockPlacement).
+BLOCK_PAST_END = "block past the end of the data"  # ends past the footer (or the end of the file)
+BLOCK_IN_METADATA = "block over metadata"  # overlaps the footer copy, header, BAT, a locator or the batmap
+BLOCK_BEFORE_METADATA = "block before the end of the metadata"  # overlaps none, but lies before one
+BLOCKS_OVERLAP = "blocks overlap"
+
 
 def block_size_ok(block_size: int) -> bool:
     """A power-of-two number of sectors, 512 B to 256 MiB."""
@@ -111,7 +140,7 @@ def entries_needed(virtual_size: int, block_size: int) -> int:
 
 def table_bytes(entries: int) -> int:
     """Bytes the BAT of ``entries`` entries occupies in the file: padded to whole sectors."""
-    return -(-entries * 4 // SECTOR_SIZE) * SECTOR_SIZE
+    return round_up(entries * 4, SECTOR_SIZE)
 
 
 # --------------------------------------------------------------------------------------------- footer
@@ -237,3 +266,143 @@ def parent_field_problems(h: Any, *, future: int) -> list[Problem]:
     if not name_ok:
         out.append(_on(HEADER, "parent_unicode_name", PARENT_NAME, h.parent_unicode_name))
     return out
+
+
+# --------------------------------------------------------------------------------------------- where things lie
+
+
+def header_regions(header_offset: int) -> list[Region]:
+    """The footer copy at offset 0 and the dynamic header: metadata of every dynamic layout."""
+    return [Region("footer copy", 0, FOOTER_SIZE), Region("dynamic header", header_offset, header_offset + HEADER_SIZE)]
+
+
+def bat_region(table_offset: int, max_table_entries: int) -> Region:
+    return Region("BAT", table_offset, table_offset + table_bytes(max_table_entries))
+
+
+def locator_region(slot: int, loc: ParentLocator, file_size: int) -> Region | None:
+    """The data space a used locator reserves, when it lies inside the file and is not absurdly large. A used slot
+    reserves its space whatever its platform code: readers and writers keep blocks clear of it."""
+    start, space = loc.data_offset, loc.data_space_bytes
+    if 0 < start and start + space <= file_size and space <= MAX_LOCATOR_BYTES:
+        return Region(f"parent locator {slot}", start, start + space)
+    return None
+
+
+def batmap_header_offset(creator_app: bytes, bat_end: int, file_size: int) -> int | None:
+    """Where blktap's batmap header would be: in the sector after the BAT, only in a file blktap wrote
+    (creator "tap\\0") and only when that sector is inside the file."""
+    if creator_app == BATMAP_CREATOR and bat_end + SECTOR_SIZE <= file_size:
+        return bat_end
+    return None
+
+
+def batmap_regions(header_offset: int, batmap: BatmapHeader, file_size: int) -> list[Region]:
+    """The batmap header's sector, and the map itself when it ends inside the file."""
+    out = [Region("batmap header", header_offset, header_offset + SECTOR_SIZE)]
+    if batmap.end <= file_size:
+        out.append(Region("batmap", batmap.batmap_offset, batmap.end))
+    return out
+
+
+def metadata_end(regions: Sequence[Region]) -> int:
+    """Where the metadata ends (sector-rounded): no block may start before it."""
+    return round_up(max(r.end for r in regions), SECTOR_SIZE)
+
+
+class BlockPlacement:
+    """Where the BAT's allocated blocks lie, against the three rules for them: a block ends by ``limit`` (the
+    footer, or the end of the file when the footer is torn), starts after all the ``metadata``, and overlaps no
+    other block. A break of any of them would make a writer put one block's data into another's or over the
+    metadata, so Image refuses the disk and check lists each entry.
+
+    ``bat``: native-order uint32 entries; ``span``: bytes of a block with its bitmap. The verdict comes from
+    ``kernels.scan_bat`` (no sort for a BAT in file order, the common case: every open of a disk asks); which
+    entries break a rule is worked out only when asked, and each mask is over ``entries``.
+    """
+
+    def __init__(self, bat: np.ndarray, span: int, limit: int, metadata: Sequence[Region]) -> None:
+        self.bat = bat
+        self.span = span
+        self.limit = limit
+        self.metadata = list(metadata)
+        # The region that ends last (the first of them on a tie): blocks go after it.
+        self.front = max(self.metadata, key=lambda r: r.end)
+        allocated, lowest, highest_end, overlaps = K.scan_bat(bat, span // SECTOR_SIZE)
+        self.allocated = int(allocated)
+        self.overlap_count = int(overlaps)
+        self.blocks_end = int(highest_end) * SECTOR_SIZE  # 0 when none is allocated
+        self._any_past_end = self.allocated > 0 and self.blocks_end > limit
+        self._any_in_metadata = self.allocated > 0 and int(lowest) * SECTOR_SIZE < self.front.end
+
+    @cached_property
+    def entries(self) -> np.ndarray:
+        """Indexes of the allocated entries, ascending."""
+        return np.flatnonzero(self.bat != UNUSED_BAT_ENTRY)
+
+    @cached_property
+    def starts(self) -> np.ndarray:
+        return self.bat[self.entries].astype(np.uint64) * SECTOR_SIZE
+
+    @cached_property
+    def ends(self) -> np.ndarray:
+        return self.starts + self.span
+
+    @cached_property
+    def past_end(self) -> np.ndarray:
+        return self.ends > self.limit
+
+    @cached_property
+    def in_metadata(self) -> list[tuple[Region, np.ndarray]]:
+        """Per metadata region, in order: the blocks that overlap it."""
+        return [(r, (self.starts < r.end) & (self.ends > r.start)) for r in self.metadata]
+
+    @cached_property
+    def in_any_metadata(self) -> np.ndarray:
+        out = np.zeros(len(self.entries), dtype=bool)
+        for _r, mask in self.in_metadata:
+            out |= mask
+        return out
+
+    @cached_property
+    def before_metadata(self) -> np.ndarray:
+        """Blocks that overlap no metadata but start before its end (before a locator or the batmap): writers put
+        every block after all the metadata, and vhdcore refuses any other layout."""
+        return (self.starts < self.front.end) & ~self.in_any_metadata
+
+    @cached_property
+    def overlaps(self) -> tuple[np.ndarray, np.ndarray]:
+        """The overlapping pairs as (earlier, later) positions into ``entries``, in file order. Every block has
+        the same span, so the nearest earlier block is the one to compare with."""
+        if len(self.entries) < 2:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        order = np.argsort(self.starts, kind="stable")
+        clash = np.flatnonzero(self.starts[order][1:] < self.ends[order][:-1])
+        return order[clash], order[clash + 1]
+
+    @cached_property
+    def own_bytes(self) -> np.ndarray:
+        """Blocks wholly inside the data, clear of the metadata and of each other."""
+        overlapping = np.zeros(len(self.entries), dtype=bool)
+        earlier, later = self.overlaps
+        overlapping[earlier] = True
+        overlapping[later] = True
+        return ~(self.past_end | self.in_any_metadata | overlapping)
+
+    def _entry(self, kind: str, pos: int) -> Problem:
+        i = int(self.entries[pos])
+        return Problem(kind, f"bat[{i}]", 4 * i, int(self.bat[i]))
+
+    def problems(self) -> list[Problem]:
+        """One problem per broken rule, naming the telling entry: the last block past the end, the first block
+        before the end of the metadata, and (on "bat") how many pairs overlap. Offsets are from the BAT's start."""
+        out = []
+        if self._any_past_end:
+            out.append(self._entry(BLOCK_PAST_END, int(np.argmax(self.starts))))
+        if self._any_in_metadata:
+            pos = int(np.argmin(self.starts))
+            out.append(self._entry(BLOCK_IN_METADATA if self.in_any_metadata[pos] else BLOCK_BEFORE_METADATA, pos))
+        if self.overlap_count:
+            out.append(Problem(BLOCKS_OVERLAP, "bat", 0, self.overlap_count))
+        return out

@@ -26,6 +26,8 @@ HEADER_SIZE = 1024
 FOOTER_COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
 BATMAP_COOKIE = b"tdbatmap"
+# The creator application of blktap (XenServer); libvhd keeps a batmap after the BAT only in its files.
+BATMAP_CREATOR = b"tap\0"
 FORMAT_VERSION = 0x00010000
 HEADER_VERSION = 0x00010000
 FEATURE_TEMPORARY = 0x1
@@ -237,6 +239,28 @@ def _at(base: int | None, rel: int) -> int | None:
     return None if base is None else base + rel
 
 
+def _strict_unpack(table: Table, data: bytes, *, cookie: bytes, version: str, names: tuple[str, str, str],
+                   path: Any, offset: int | None, verify_checksum: bool) -> Any:
+    """The strict parse shared by the footer and the dynamic header: the cookie, the checksum (unless
+    ``verify_checksum`` is off) and a 1.x ``version`` field, in that order. ``names``: what the structure is called
+    in the bad-cookie message, in the checksum error, and in the version message."""
+    cookie_name, structure, version_name = names
+    rec = table.unpack(data)
+    _require(rec.cookie == cookie, f"not a {cookie_name} (bad cookie)", path=path, offset=offset,
+             field=table.field("cookie"), value=rec.cookie)
+    if verify_checksum:
+        actual = table.checksum(data)
+        if actual != rec.checksum:
+            raise ChecksumError(
+                f"{structure} checksum mismatch: stored 0x{rec.checksum:08x}, computed 0x{actual:08x}",
+                structure=structure, expected=rec.checksum, actual=actual, path=path,
+                offset=_at(offset, table.offset("checksum")), field=table.field("checksum"), value=rec.checksum,
+            )
+    _require(version_supported(getattr(rec, version)), f"unsupported {version_name} version", path=path,
+             offset=_at(offset, table.offset(version)), field=table.field(version), value=getattr(rec, version))
+    return rec
+
+
 # --------------------------------------------------------------------------------------------- footer
 
 
@@ -273,20 +297,9 @@ class Footer:
             raise InvalidFormatError(
                 f"footer needs {FOOTER_SIZE} bytes, got {len(data)}", path=path, offset=offset, field="footer"
             )
-        rec = FOOTER.unpack(data)
-        _require(rec.cookie == FOOTER_COOKIE, "not a VHD footer (bad cookie)", path=path, offset=offset,
-                 field=FOOTER.field("cookie"), value=rec.cookie)
-        if verify_checksum:
-            actual = FOOTER.checksum(data)
-            if actual != rec.checksum:
-                raise ChecksumError(
-                    f"footer checksum mismatch: stored 0x{rec.checksum:08x}, computed 0x{actual:08x}",
-                    structure="footer", expected=rec.checksum, actual=actual, path=path,
-                    offset=_at(offset, FOOTER.offset("checksum")), field=FOOTER.field("checksum"), value=rec.checksum,
-                )
-        _require(version_supported(rec.format_version), "unsupported footer format version", path=path,
-                 offset=_at(offset, FOOTER.offset("format_version")), field=FOOTER.field("format_version"),
-                 value=rec.format_version)
+        rec = _strict_unpack(FOOTER, data, cookie=FOOTER_COOKIE, version="format_version",
+                             names=("VHD footer", "footer", "footer format"), path=path, offset=offset,
+                             verify_checksum=verify_checksum)
         _require(rec.disk_type in DISK_TYPES, "unknown or deprecated disk type", path=path,
                  offset=_at(offset, FOOTER.offset("disk_type")), field=FOOTER.field("disk_type"), value=rec.disk_type)
         return cls.from_fields(rec)
@@ -407,20 +420,9 @@ class DynamicHeader:
         if len(data) != HEADER_SIZE:
             raise CorruptImageError(f"dynamic header needs {HEADER_SIZE} bytes, got {len(data)} (file truncated)",
                                     path=path, offset=offset, field="header")
-        rec = HEADER.unpack(data)
-        _require(rec.cookie == HEADER_COOKIE, "not a dynamic disk header (bad cookie)", path=path, offset=offset,
-                 field=HEADER.field("cookie"), value=rec.cookie)
-        if verify_checksum:
-            actual = HEADER.checksum(data)
-            if actual != rec.checksum:
-                raise ChecksumError(
-                    f"dynamic header checksum mismatch: stored 0x{rec.checksum:08x}, computed 0x{actual:08x}",
-                    structure="dynamic header", expected=rec.checksum, actual=actual, path=path,
-                    offset=_at(offset, HEADER.offset("checksum")), field=HEADER.field("checksum"), value=rec.checksum,
-                )
-        _require(version_supported(rec.header_version), "unsupported dynamic header version", path=path,
-                 offset=_at(offset, HEADER.offset("header_version")), field=HEADER.field("header_version"),
-                 value=rec.header_version)
+        rec = _strict_unpack(HEADER, data, cookie=HEADER_COOKIE, version="header_version",
+                             names=("dynamic disk header", "dynamic header", "dynamic header"), path=path,
+                             offset=offset, verify_checksum=verify_checksum)
         return cls.from_fields(rec)
 
     @classmethod
@@ -466,11 +468,15 @@ class DynamicHeader:
         return bitmap_bytes(self.block_size)
 
 
+def round_up(n: int, a: int) -> int:
+    """``n`` rounded up to a whole number of ``a`` (sectors, pages): the one rounding the format's sizes use."""
+    return -(-n // a) * a
+
+
 def bitmap_bytes(block_size: int) -> int:
     """Bytes of sector bitmap in front of each block: one bit per sector, padded to whole sectors."""
     spb = block_size // SECTOR_SIZE
-    raw = (spb + 7) // 8
-    return (raw + SECTOR_SIZE - 1) // SECTOR_SIZE * SECTOR_SIZE
+    return round_up((spb + 7) // 8, SECTOR_SIZE)
 
 
 # --------------------------------------------------------------------------------------------- batmap

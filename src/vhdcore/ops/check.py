@@ -30,6 +30,7 @@ import numpy as np
 
 from ..exceptions import ChainCycleError, InvalidFormatError, ParentMismatchError, ParentNotFoundError, VHDError
 from .. import kernels as K
+from ..fileio import pread_upto
 from ..format import locators
 from ..format import rules as R
 from ..format.geometry import VHD_EPOCH, libvhd_chs, vhd_timestamp
@@ -42,16 +43,18 @@ from ..format.structs import (
     HEADER,
     HEADER_COOKIE,
     HEADER_SIZE,
+    LOCATOR,
     LOCATOR_SLOTS,
     MAX_LOCATOR_BYTES,
     SECTOR_SIZE,
-    UNUSED_BAT_ENTRY,
     BatmapHeader,
     DiskType,
     DynamicHeader,
     Footer,
     ParentLocator,
     bitmap_bytes,
+    locator_entry_offset,
+    round_up,
     version_supported,
 )
 
@@ -312,16 +315,7 @@ class _File:
         """Up to ``n`` bytes at ``offset`` (fewer at the end of the file)."""
         if offset >= self.size or n <= 0:
             return b""
-        n = min(n, self.size - offset)
-        parts = []
-        got = 0
-        while got < n:
-            b = os.pread(self.fd, n - got, offset + got)
-            if not b:
-                break
-            parts.append(b)
-            got += len(b)
-        return b"".join(parts)
+        return pread_upto(self.fd, offset, min(n, self.size - offset))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -405,10 +399,6 @@ class _Collector:
             if more > 0:
                 self.a.findings.append(Finding("TOO_MANY_FINDINGS", INFO, None, None,
                                                f"{more} more {code} findings not listed", self.a.path))
-
-
-def _pad(n: int) -> int:
-    return -(-n // SECTOR_SIZE) * SECTOR_SIZE
 
 
 def analyse_file(path: str, *, time_slack: int = DEFAULT_TIME_SLACK, now: int | None = None,
@@ -631,7 +621,7 @@ def _check_dynamic(f: _File, a: FileAnalysis, c: _Collector, future: int) -> Non
     header = DynamicHeader.from_fields(h) if version_supported(h.header_version) else None
     a.header = header
     # The dynamic header is metadata from here on, whatever else is wrong.
-    a.metadata = [("footer copy", 0, FOOTER_SIZE), ("dynamic header", hoff, hoff + HEADER_SIZE)]
+    a.metadata = R.header_regions(hoff)
 
     block_size, mte, table_off = h.block_size, h.max_table_entries, h.table_offset
     bad_block = R.block_size_problem(block_size)
@@ -674,7 +664,7 @@ def _check_dynamic(f: _File, a: FileAnalysis, c: _Collector, future: int) -> Non
               f"{fsize}-byte file")
         fields_ok = table_ok = False
     if table_ok and table_off >= FOOTER_SIZE:
-        a.metadata.append(("BAT", table_off, bat_end))
+        a.metadata.append(R.bat_region(table_off, mte))
 
     if header is not None and a.disk_type == DiskType.DIFFERENCING:
         for p in R.parent_field_problems(h, future=future):
@@ -690,20 +680,19 @@ def _check_dynamic(f: _File, a: FileAnalysis, c: _Collector, future: int) -> Non
         _check_parent_name_vs_locators(a, c, h.parent_unicode_name, hoff)
 
     # blktap's batmap, kept in the sectors right after the BAT.
-    if table_ok and ft.fields.creator_app == b"tap\0" and bat_end + SECTOR_SIZE <= fsize:
-        bm = BatmapHeader.parse(f.read(bat_end, SECTOR_SIZE))
-        if bm is not None:
-            a.metadata.append(("batmap header", bat_end, bat_end + SECTOR_SIZE))
-            if bm.batmap_offset < bat_end or bm.end > fsize:
-                c.add("BATMAP_OUTSIDE_FILE", bat_end + BATMAP.offset("batmap_offset"), BATMAP.field("batmap_offset"),
-                      f"batmap at {bm.batmap_offset} of {bm.batmap_size} sectors")
-            if bm.end <= fsize:
-                a.metadata.append(("batmap", bm.batmap_offset, bm.end))
-                _check_batmap(f, c, bm, bat_end)
+    bm_at = R.batmap_header_offset(ft.fields.creator_app, bat_end, fsize) if table_ok else None
+    bm = BatmapHeader.parse(f.read(bm_at, SECTOR_SIZE)) if bm_at is not None else None
+    if bm is not None:
+        a.metadata += R.batmap_regions(bm_at, bm, fsize)
+        if bm.batmap_offset < bat_end or bm.end > fsize:
+            c.add("BATMAP_OUTSIDE_FILE", bat_end + BATMAP.offset("batmap_offset"), BATMAP.field("batmap_offset"),
+                  f"batmap at {bm.batmap_offset} of {bm.batmap_size} sectors")
+        if bm.end <= fsize:
+            _check_batmap(f, c, bm, bat_end)
 
     a.header_fields_ok = fields_ok
     a.block_size = block_size if block_ok else 0
-    a.data_end = _pad(max(e for _, _, e in a.metadata))
+    a.data_end = R.metadata_end(a.metadata)
     if block_ok and mte_ok and table_ok:
         _check_bat(f, a, c, table_off, mte, block_size)
     _finish_footer_position(f, a, c)
@@ -739,37 +728,39 @@ def _check_batmap(f: _File, c: _Collector, bm: BatmapHeader, hdr_off: int) -> No
 def _check_locators(f: _File, a: FileAnalysis, c: _Collector, header: DynamicHeader, hoff: int) -> None:
     fsize = f.size
     placed: list[tuple[int, int, int]] = []  # (slot, start, end)
+    regions: list[R.Region] = []
     for i, loc in enumerate(header.parent_locators[:LOCATOR_SLOTS]):
         if not loc.is_used:
             continue
-        o = hoff + 576 + 24 * i
+        o = hoff + locator_entry_offset(i)
+        o_data = o + LOCATOR.offset("data_offset")  # where most locator findings point
         fld = f"header.parent_locator[{i}]"
         space = loc.data_space_bytes
         start = loc.data_offset
-        # A used slot reserves its data space whatever its platform code: readers and writers (vhdcore's Image
-        # too) keep blocks clear of it.
-        if 0 < start and start + space <= fsize and space <= MAX_LOCATOR_BYTES:
+        region = R.locator_region(i, loc, fsize)
+        if region is not None:
             for name, ms, me in a.metadata:
                 if start < me and start + space > ms:
-                    c.add("LOCATOR_OVERLAP", o + 16, fld + ".data_offset",
+                    c.add("LOCATOR_OVERLAP", o_data, fld + ".data_offset",
                           f"data at {start}..{start + space} overlaps the {name} at {ms}..{me}")
             for j, s2, e2 in placed:
                 if start < e2 and start + space > s2:
-                    c.add("LOCATOR_OVERLAP", o + 16, fld + ".data_offset",
+                    c.add("LOCATOR_OVERLAP", o_data, fld + ".data_offset",
                           f"data at {start}..{start + space} overlaps parent locator {j} at {s2}..{e2}")
             placed.append((i, start, start + space))
+            regions.append(region)
         if loc.platform_code not in _LOCATOR_ORDER:
             c.add("LOCATOR_PLATFORM", o, fld + ".platform_code", f"platform code {loc.platform_code!r}")
             continue
         a.locators.append((i, loc))
         if loc.data_length <= 0 or loc.data_length > space or loc.data_length > MAX_LOCATOR_BYTES:
-            c.add("LOCATOR_LENGTH", o + 8, fld + ".data_length",
+            c.add("LOCATOR_LENGTH", o + LOCATOR.offset("data_length"), fld + ".data_length",
                   f"data length {loc.data_length} with data space {space} bytes")
         if start % SECTOR_SIZE:
-            c.add("LOCATOR_ALIGNMENT", o + 16, fld + ".data_offset", f"data offset {start}")
+            c.add("LOCATOR_ALIGNMENT", o_data, fld + ".data_offset", f"data offset {start}")
         stop = start + max(space, loc.data_length)
         if start <= 0 or stop > fsize or space > MAX_LOCATOR_BYTES:
-            c.add("LOCATOR_OUTSIDE_FILE", o + 16, fld + ".data_offset",
+            c.add("LOCATOR_OUTSIDE_FILE", o_data, fld + ".data_offset",
                   f"data at {start}..{stop} is outside the {fsize}-byte file or absurdly large")
             continue
         if 0 < loc.data_length <= min(space, MAX_LOCATOR_BYTES):
@@ -780,8 +771,7 @@ def _check_locators(f: _File, a: FileAnalysis, c: _Collector, header: DynamicHea
             if undecodable or (text is not None and not text.strip("\0 ")) or (text and "\0" in text):
                 c.add("LOCATOR_PATH", o, fld, f"{loc.platform_code.decode('latin-1')} data does not decode "
                       "to a path")
-    for i, s, e in placed:
-        a.metadata.append((f"parent locator {i}", s, e))
+    a.metadata += regions
 
 
 def _libvhd_path(text: str) -> str:
@@ -805,7 +795,8 @@ def _check_parent_name_vs_locators(a: FileAnalysis, c: _Collector, pname_raw: by
     except UnicodeDecodeError:
         return  # HEADER_PARENT_NAME says so
     if not pname.isascii():
-        c.add("PARENT_NAME_LOCATOR_MISMATCH", hoff + 64, "header.parent_unicode_name",
+        c.add("PARENT_NAME_LOCATOR_MISMATCH", hoff + HEADER.offset("parent_unicode_name"),
+              HEADER.field("parent_unicode_name"),
               f"the parent name {pname!r} is not ASCII: libvhd cannot decode it and rejects the disk")
         return
     for slot, loc in a.locators:
@@ -829,7 +820,7 @@ def _check_parent_name_vs_locators(a: FileAnalysis, c: _Collector, pname_raw: by
             continue  # libvhd's check reads only these three
         name = _posix_basename(path)
         if name != pname:
-            c.add("PARENT_NAME_LOCATOR_MISMATCH", hoff + 576 + 24 * slot, f"header.parent_locator[{slot}]",
+            c.add("PARENT_NAME_LOCATOR_MISMATCH", hoff + locator_entry_offset(slot), f"header.parent_locator[{slot}]",
                   f"{loc.platform_code.decode('latin-1')} locator names {name!r}, the parent unicode name (as "
                   f"libvhd reads it) is {pname!r}")
 
@@ -838,60 +829,40 @@ def _check_bat(f: _File, a: FileAnalysis, c: _Collector, table_off: int, mte: in
     raw = f.read(table_off, mte * 4)
     bat = np.frombuffer(raw, dtype=">u4").astype(np.uint32)
     a.bat = bat
-    span = bitmap_bytes(block_size) + block_size
-    idx = np.flatnonzero(bat != UNUSED_BAT_ENTRY)
-    starts = bat[idx].astype(np.uint64) * SECTOR_SIZE
-    ends = starts + span
     # A trusted end footer bounds the data; without one (torn footer) the file's end does.
     limit = a.footer_offset if a.footer_source in ("end", "legacy") else f.size
+    placed = R.BlockPlacement(bat, bitmap_bytes(block_size) + block_size, limit, a.metadata)
+    idx, starts, ends = placed.entries, placed.starts, placed.ends
 
     def entry(k: int) -> tuple[int, str, int, int, int]:
         i = int(idx[k])
         return i, f"bat[{i}]", table_off + 4 * i, int(starts[k]), int(ends[k])
 
-    past = np.flatnonzero(ends > limit)
-    for k in c.room("BAT_ENTRY_PAST_EOF", past):
+    for k in c.room("BAT_ENTRY_PAST_EOF", np.flatnonzero(placed.past_end)):
         i, fld, off, s, e = entry(int(k))
         c.add("BAT_ENTRY_PAST_EOF", off, fld, f"block {i} at {s}..{e} ends past {limit}"
               f" ({'the footer' if limit != f.size else 'the end of the file'})")
-    in_meta = np.zeros(len(idx), dtype=bool)
-    for name, ms, me in a.metadata:
-        mask = (starts < me) & (ends > ms)
-        in_meta |= mask
+    for (name, ms, me), mask in placed.in_metadata:
         for k in c.room("BAT_ENTRY_IN_METADATA", np.flatnonzero(mask)):
             i, fld, off, s, e = entry(int(k))
             c.add("BAT_ENTRY_IN_METADATA", off, fld, f"block {i} at {s}..{e} overlaps the {name} at {ms}..{me}")
-    # Writers put every block after all the metadata and append new ones at the end; a block before a locator
-    # or the batmap is a layout vhdcore (and the writers it follows) never makes, and refuses.
-    last_name, _ms, front = max(a.metadata, key=lambda t: t[2])
-    early = np.flatnonzero((starts < front) & ~in_meta)
-    for k in c.room("BAT_ENTRY_BEFORE_METADATA", early):
+    front = placed.front
+    for k in c.room("BAT_ENTRY_BEFORE_METADATA", np.flatnonzero(placed.before_metadata)):
         i, fld, off, s, e = entry(int(k))
-        c.add("BAT_ENTRY_BEFORE_METADATA", off, fld, f"block {i} at {s}..{e} lies before the {last_name}, "
-              f"which ends at {front}")
-    if len(idx) > 1:
-        order = np.argsort(starts, kind="stable")
-        s_sorted = starts[order]
-        e_sorted = ends[order]
-        # Every block has the same span, so the nearest earlier block is the one to compare with.
-        clash = np.flatnonzero(s_sorted[1:] < e_sorted[:-1])
-        for k in c.room("BAT_ENTRY_OVERLAP", clash):
-            first = int(idx[order[k]])
-            second = int(idx[order[k + 1]])
-            i, fld, off, s, e = entry(int(order[k + 1]))
-            c.add("BAT_ENTRY_OVERLAP", off, fld, f"block {second} at {s}..{e} overlaps block {first} at "
-                  f"{int(s_sorted[k])}..{int(e_sorted[k])}")
-        overlapping = np.zeros(len(idx), dtype=bool)
-        overlapping[order[clash]] = True
-        overlapping[order[clash + 1]] = True
-    else:
-        overlapping = np.zeros(len(idx), dtype=bool)
-    if len(idx):
-        a.data_end = max(a.data_end, _pad(int(ends.max())))
+        c.add("BAT_ENTRY_BEFORE_METADATA", off, fld, f"block {i} at {s}..{e} lies before the {front.name}, "
+              f"which ends at {front.end}")
+    earlier, later = placed.overlaps
+    for k in c.room("BAT_ENTRY_OVERLAP", np.arange(len(later))):
+        first = int(idx[earlier[k]])
+        second, fld, off, s, e = entry(int(later[k]))
+        c.add("BAT_ENTRY_OVERLAP", off, fld, f"block {second} at {s}..{e} overlaps block {first} at "
+              f"{int(starts[earlier[k]])}..{int(ends[earlier[k]])}")
+    if placed.allocated:
+        a.data_end = max(a.data_end, placed.blocks_end)
     a.blocks_ok = True
     # Only blocks wholly inside the data and clear of metadata and of each other: then every data byte is read
     # at most once and the scan costs no more than the allocated blocks.
-    sound = ~((ends > limit) | in_meta | overlapping)
+    sound = placed.own_bytes
     _check_bitmaps(f, a, c, idx[sound], starts[sound], block_size)
 
 
@@ -999,7 +970,7 @@ def _finish_footer_position(f: _File, a: FileAnalysis, c: _Collector) -> None:
 
 def _find_displaced_footer(f: _File, start: int, footer_raw: bytes) -> int:
     """Offset of the first sector-aligned exact copy of ``footer_raw`` at or after ``start`` (bounded search)."""
-    start = _pad(start)
+    start = round_up(start, SECTOR_SIZE)
     stop = min(f.size, start + FOOTER_SEARCH_BYTES)
     pos = start
     while pos + FOOTER_SIZE <= stop:

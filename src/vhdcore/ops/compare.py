@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import kernels as K
 from ..disk.chain import Disk, open_chain
-from ..disk.extents import Extent
+from ..disk.extents import Extent, same_stored_bytes
 from ..format.structs import SECTOR_SIZE
 
 __all__ = ["compare", "compare_disks", "CompareResult"]
@@ -46,13 +46,6 @@ class CompareResult:
         d["a_size"], d["b_size"] = d.pop("size_a"), d.pop("size_b")  # sizes end in _size (docs/json.md)
         d["size_mismatch"] = self.size_mismatch
         return d
-
-
-def _file_id(ext: Extent) -> tuple[int, int] | None:
-    if ext.layer is None:
-        return None
-    st = os.fstat(ext.layer.fd)
-    return st.st_dev, st.st_ino
 
 
 def _paired(a: Iterator[Extent], b: Iterator[Extent]) -> Iterator[tuple[int, int, Extent, Extent]]:
@@ -92,20 +85,13 @@ def compare_disks(da: Disk, db: Disk, progress: ProgressFn | None = None) -> tup
     read = 0
     total = max(da.size, db.size)
     if common:
-        ids: dict[int, tuple[int, int] | None] = {}
-
-        def ident(e: Extent):
-            key = id(e.layer)
-            if key not in ids:
-                ids[key] = _file_id(e)
-            return ids[key]
+        ids: dict[int, tuple[int, int]] = {}
 
         for start, end, ea, eb in _paired(da.extents(0, common), db.extents(0, common)):
             if ea.is_zero and eb.is_zero:
                 continue
-            if (not ea.is_zero and not eb.is_zero and ident(ea) == ident(eb)
-                    and ea.file_offset - ea.offset == eb.file_offset - eb.offset):
-                continue  # the same bytes of the same file
+            if same_stored_bytes(ea, eb, ids):
+                continue
             pos = start
             while pos < end:
                 n = min(CHUNK, end - pos)

@@ -19,7 +19,9 @@ from ..disk.chain import Disk, open_chain
 from ..disk.extents import data_blocks
 from ..fileio import atomic_output, pwrite_all
 from ..format.layout import DEFAULT_BLOCK_SIZE, check_size, make_footer, next_block, write_dynamic_layout
-from ..format.structs import FOOTER_SIZE, HEADER_SIZE, NO_DATA_OFFSET, SECTOR_SIZE, DiskType, bitmap_bytes
+from ..format.rules import entries_needed
+from ..format.structs import (FOOTER_SIZE, HEADER_SIZE, NO_DATA_OFFSET, SECTOR_SIZE, UNUSED_BAT_ENTRY, DiskType,
+                              bitmap_bytes)
 
 ProgressFn = Callable[[int, int], None]
 CHUNK = 4 * 1024 * 1024
@@ -156,8 +158,8 @@ def write_dynamic(fd: int, disk: Disk, block_size: int, blocks: np.ndarray, keep
     mv = memoryview(buf)
     end = write_dynamic_layout(fd, size, block_size, like=getattr(disk.leaf, "footer", None))
     pos = end - FOOTER_SIZE
-    mte = -(-size // block_size)
-    bat = np.full(mte, 0xFFFFFFFF, dtype=np.uint32)
+    mte = entries_needed(size, block_size)
+    bat = np.full(mte, UNUSED_BAT_ENTRY, dtype=np.uint32)
     for i, b in enumerate(blocks):
         b = int(b)
         start = b * block_size

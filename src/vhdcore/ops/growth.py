@@ -32,6 +32,7 @@ from .blockmap import BlockJudge, FreeSectorMap, Intervals, block_allocation, gr
 from ..disk.chain import Disk, open_chain
 from ..format.layout import dynamic_file_size
 from ..disk.image import Image
+from ..format.rules import table_bytes
 from ..format.structs import FOOTER_SIZE, HEADER_SIZE, SECTOR_SIZE
 
 __all__ = ["growth", "GrowthReport", "LayerGrowth", "FileSystemGrowth", "SECONDS_PER_GB", "SYSTEM_VOLUME_LIMIT",
@@ -131,7 +132,7 @@ def _metadata_bytes(img: Image) -> int:
     if img.is_fixed:
         return FOOTER_SIZE
     locs = sum(loc.data_space_bytes for loc in img.parent_locators) if img.is_differencing else 0
-    bat = -(-img.max_table_entries * 4 // SECTOR_SIZE) * SECTOR_SIZE
+    bat = table_bytes(img.max_table_entries)
     return 2 * FOOTER_SIZE + HEADER_SIZE + bat + locs + len(img.allocated_blocks()) * img.bitmap_size
 
 

@@ -18,6 +18,7 @@ from .. import kernels as K
 from ..disk.chain import open_chain
 from ..disk.extents import data_blocks
 from ..format.layout import DEFAULT_BLOCK_SIZE, check_size, dynamic_file_size
+from ..format.rules import entries_needed
 from ..format.structs import FOOTER_SIZE
 
 __all__ = ["measure", "MeasureReport", "TARGETS"]
@@ -81,7 +82,7 @@ def measure(src: str | os.PathLike[str], to: str = "dynamic", *, compact: str | 
                 kept += 1
             if progress:
                 progress((i + 1) * bs, len(candidates) * bs)
-        mte = -(-size // bs)
+        mte = entries_needed(size, bs)
         return MeasureReport(src_s, to, None, size, bs, kept, dynamic_file_size(size, bs, kept),
                              dynamic_file_size(size, bs, mte), kept * bs, read, list(disk.warnings))
 
@@ -96,13 +97,13 @@ def _measure_compact(src, mode: str, block_size: int | None, parent_dirs, strict
     blocks = _blocks_of(file_size, size, bs)
     # growth reads each allocated byte once per layer (chains) or once (a single file).
     return MeasureReport(os.fspath(src), "dynamic", mode, size, bs, blocks, file_size,
-                         dynamic_file_size(size, bs, -(-size // bs)), blocks * bs, g.allocated_bytes,
+                         dynamic_file_size(size, bs, entries_needed(size, bs)), blocks * bs, g.allocated_bytes,
                          list(g.warnings))
 
 
 def _blocks_of(file_size: int, size: int, bs: int) -> int:
     """The block count whose dynamic_file_size is ``file_size`` (the layout is monotonic in it)."""
-    lo, hi = 0, -(-size // bs)
+    lo, hi = 0, entries_needed(size, bs)
     while lo < hi:
         mid = (lo + hi) // 2
         if dynamic_file_size(size, bs, mid) < file_size:

@@ -19,11 +19,9 @@ from typing import Iterator
 from ..exceptions import InvalidFormatError
 from ..disk.extents import Extent
 from ..fileio import preadinto_exact, zero_fill
-from ..format.structs import FOOTER_SIZE, SECTOR_SIZE
+from ..format.structs import FOOTER_COOKIE, FOOTER_SIZE, SECTOR_SIZE, round_up
 
 __all__ = ["RawDisk", "looks_like_vhd", "data_runs"]
-
-_COOKIE = b"conectix"
 
 
 def _device_size(fd: int) -> int:
@@ -37,7 +35,7 @@ def looks_like_vhd(path: str | os.PathLike[str]) -> bool:
         st = os.fstat(fd)
         size = _device_size(fd) if stat.S_ISBLK(st.st_mode) else st.st_size
         for off in (size - FOOTER_SIZE, size - FOOTER_SIZE + 1, 0):
-            if off >= 0 and size >= FOOTER_SIZE - 1 and os.pread(fd, 8, off) == _COOKIE:
+            if off >= 0 and size >= FOOTER_SIZE - 1 and os.pread(fd, 8, off) == FOOTER_COOKIE:
                 return True
         return False
     finally:
@@ -90,7 +88,7 @@ class RawDisk:
         except BaseException:
             os.close(self.fd)
             raise
-        self.size = -(-self.file_size // SECTOR_SIZE) * SECTOR_SIZE
+        self.size = round_up(self.file_size, SECTOR_SIZE)
         self.layers: list = []
         self.leaf = self  # what convert asks for its default block size
         self.block_size = 0

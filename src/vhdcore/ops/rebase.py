@@ -37,12 +37,12 @@ from . import journal
 from ..disk.chain import Disk, open_chain
 from .coalesce.writer import TargetWriter
 from ..exceptions import ChainError, InvalidFormatError, UnsafeOperationError
-from ..disk.extents import Extent
+from ..disk.extents import Extent, same_stored_bytes
 from ..fileio import WriteIO, zero_fill
 from ..disk.image import NOT_HERE, Image
 from .coalesce.relink import RelinkPlan, apply_relink, plan_from_json, plan_relink
 from .setparent import _with_file_name, refuse_cycle
-from ..format.structs import SECTOR_SIZE, UNUSED_BAT_ENTRY
+from ..format.structs import FOOTER, SECTOR_SIZE, UNUSED_BAT_ENTRY
 
 __all__ = ["rebase", "RebaseReport", "journal_path"]
 
@@ -134,20 +134,6 @@ def _three_way(own: Iterator[tuple[int, int, bool]], a: Iterator[Extent], b: Ite
             ea = next(a, None)
         if eb.end <= end:
             eb = next(b, None)
-
-
-def _same_run(ea: Extent, eb: Extent, ids: dict) -> bool:
-    if ea.is_zero or eb.is_zero or ea.file_offset - ea.offset != eb.file_offset - eb.offset:
-        return False
-
-    def ident(e: Extent):
-        key = id(e.layer)
-        if key not in ids:
-            st = os.fstat(e.layer.fd)
-            ids[key] = (st.st_dev, st.st_ino)
-        return ids[key]
-
-    return ident(ea) == ident(eb)
 
 
 def _read(ext: Extent, pos: int, mv: memoryview) -> None:
@@ -246,7 +232,7 @@ def _new_block_candidates(img: Image, old: Disk, new: Disk) -> int:
     seen = -1
     count = 0
     for start, end, ea, eb in _three_way(_own_runs(img, size), _backing(old, size), _backing(new, size)):
-        if ea.is_zero and eb.is_zero or _same_run(ea, eb, ids):
+        if ea.is_zero and eb.is_zero or same_stored_bytes(ea, eb, ids):
             continue
         for b in range(max(start // bs, seen + 1), (end - 1) // bs + 1):
             if int(img.bat[b]) == UNUSED_BAT_ENTRY:
@@ -268,7 +254,7 @@ def _copy_phase(child: Disk, new: Disk, io: WriteIO, progress: ProgressFn | None
     ids: dict = {}
     try:
         for start, end, ea, eb in _three_way(_own_runs(img, size), _backing(old, size), _backing(new, size)):
-            if ea.is_zero and eb.is_zero or _same_run(ea, eb, ids):
+            if ea.is_zero and eb.is_zero or same_stored_bytes(ea, eb, ids):
                 continue
             pos = start
             while pos < end:
@@ -343,7 +329,7 @@ def rebase(child: str | os.PathLike[str], new_parent: str | os.PathLike[str], *,
             leaf = cdisk.leaf
             if not leaf.is_differencing:
                 raise ChainError("not a differencing disk: it has no parent to replace", path=leaf.path,
-                                 field="footer.disk_type", value=int(leaf.disk_type))
+                                 field=FOOTER.field("disk_type"), value=int(leaf.disk_type))
             if leaf.footer_offset < 0:
                 raise InvalidFormatError("the footer at the end of the file is missing: run 'vhdcore repair' first",
                                          path=leaf.path, field="footer")
@@ -356,7 +342,7 @@ def rebase(child: str | os.PathLike[str], new_parent: str | os.PathLike[str], *,
                     raise UnsafeOperationError(
                         f"the new parent's virtual size {ndisk.size} differs from the child's {leaf.size}; rebase "
                         "needs a parent of the same size (resize one of them first)", path=parent_s,
-                        field="footer.current_size", value=ndisk.size)
+                        field=FOOTER.field("current_size"), value=ndisk.size)
                 plan = _with_file_name(plan_relink(child_s, ndisk.leaf), ndisk.leaf.path)
                 doc = {"kind": "rebase", "phase": "copy", "old_parent": os.path.realpath(old_parent),
                        "new_parent": os.path.realpath(parent_s), "plan": plan.to_json()}

@@ -33,7 +33,7 @@ import xxhash
 
 from .check import ERROR, WARNING, FileAnalysis, Finding, analyse_file, check, data_under_clear_bits
 from ..destination import check_destination
-from ..fileio import atomic_output, pwrite_all
+from ..fileio import atomic_output, pread_upto, pwrite_all
 from ..exceptions import InvalidFormatError, LockError, UnsafeOperationError
 from ..format.rules import MAX_BAT_ENTRIES
 from ..format.structs import FOOTER, FOOTER_SIZE, HEADER, HEADER_SIZE, SECTOR_SIZE, DiskType, bitmap_bytes
@@ -238,18 +238,6 @@ def _undo_name(path: str) -> str:
     return name
 
 
-def _pread_exact(fd: int, offset: int, n: int) -> bytes:
-    parts = []
-    got = 0
-    while got < n:
-        b = os.pread(fd, min(n - got, 64 * 1024 * 1024), offset + got)
-        if not b:
-            break
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts)
-
-
 def _clamped(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     return [(off, max(0, min(n, size - off))) for off, n in ranges]
 
@@ -278,7 +266,7 @@ def _after_repair(fd: int, st: os.stat_result, actions: list[RepairAction], rang
             size = min(size, a.offset)
 
     def read(off: int, n: int) -> bytes:
-        buf = bytearray(_pread_exact(fd, off, n).ljust(n, b"\0"))
+        buf = bytearray(pread_upto(fd, off, n).ljust(n, b"\0"))
         for woff, data in writes:
             lo, hi = max(off, woff), min(off + n, woff + len(data))
             if lo < hi:
@@ -306,7 +294,7 @@ def _write_undo(fd: int, undo_path: str, st: os.stat_result, ranges: list[tuple[
             done = 0
             while done < n:  # pieces, so a long cut tail never sits in memory whole
                 k = min(n - done, 16 * 1024 * 1024)
-                pwrite_all(ufd, [_pread_exact(fd, off + done, k)], pos)
+                pwrite_all(ufd, [pread_upto(fd, off + done, k)], pos)
                 pos += k
                 done += k
 
@@ -344,7 +332,7 @@ def repair(path: str | os.PathLike[str], dry_run: bool = False, fix_checksums: b
         _lock(fd, path)
         a = analyse_file(path, probe_lock=False)  # the lock is ours
         report = RepairReport(path, dry_run, before=list(a.findings))
-        actions, refused = plan(a, fix_checksums, set_bitmap_bits, lambda off, n: _pread_exact(fd, off, n))
+        actions, refused = plan(a, fix_checksums, set_bitmap_bits, lambda off, n: pread_upto(fd, off, n))
         report.actions = actions
         report.not_repaired = refused
         if not dry_run and actions:
@@ -424,7 +412,7 @@ def undo(undo_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> Non
                 done = 0
                 while done < n:
                     k = min(n - done, 16 * 1024 * 1024)
-                    pwrite_all(fd, [_pread_exact(ufd, upos + done, k)], off + done)
+                    pwrite_all(fd, [pread_upto(ufd, upos + done, k)], off + done)
                     done += k
             os.ftruncate(fd, orig_size)
             os.fsync(fd)
@@ -445,10 +433,10 @@ def _check_undo_identity(fd: int, path: str, undo_path: str, post_size: int, uid
         why = f"its size is {st.st_size} bytes, the repaired disk's was {post_size}"
     elif uid != bytes(16):
         at, n = FOOTER.offset("unique_id"), FOOTER.row("unique_id").size
-        ids = {_pread_exact(fd, o + at, n) for o in (0, st.st_size - FOOTER_SIZE) if o >= 0}
+        ids = {pread_upto(fd, o + at, n) for o in (0, st.st_size - FOOTER_SIZE) if o >= 0}
         if uid not in ids:
             why = "its unique id is not the repaired disk's"
-    if why is None and _over_digest(lambda o, n: _pread_exact(fd, o, n), ranges, st.st_size) != digest:
+    if why is None and _over_digest(lambda o, n: pread_upto(fd, o, n), ranges, st.st_size) != digest:
         why = "the bytes the undo would restore over are not the ones the repair wrote"
     if why is not None:
         raise UnsafeOperationError(f"this undo file belongs to another disk, or the disk changed since the repair "

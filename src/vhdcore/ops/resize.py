@@ -42,13 +42,14 @@ from .. import kernels as K
 from . import journal
 from ..disk.chain import Disk, open_chain
 from ..fileio import WriteIO
-from ..format.layout import MAX_CREATE_SIZE, make_footer
+from ..format.layout import MAX_CREATE_SIZE, make_footer, next_block
 from ..exceptions import ChainError, InvalidFormatError, LockError, UnsafeOperationError, UnsupportedFeatureError, \
     VHDError
 from ..disk.image import Image
-from ..format.layout import BLOCK_DATA_ALIGNMENT
+from ..format.rules import MAX_BAT_ENTRIES, entries_needed, table_bytes
 from ..format.structs import (
     FOOTER,
+    HEADER,
     FOOTER_SIZE,
     SECTOR_SIZE,
     UNUSED_BAT_ENTRY,
@@ -57,6 +58,7 @@ from ..format.structs import (
     Footer,
     ParentLocator,
     locator_entry_offset,
+    round_up,
 )
 
 __all__ = ["resize", "ResizeReport", "journal_path", "first_data_offset"]
@@ -92,7 +94,7 @@ def journal_path(path: str) -> str:
 
 
 def _round(n: int, a: int = SECTOR_SIZE) -> int:
-    return -(-n // a) * a
+    return round_up(n, a)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -200,7 +202,7 @@ def _plan_dynamic(img: Image, new: int) -> _Plan:
     hoff = img.footer.data_offset
     to = h.table_offset
     old_mte = img.max_table_entries
-    need = -(-new // bs)
+    need = entries_needed(new, bs)
     mte = max(old_mte, need)
     span = img.bitmap_size + bs
     bat = img.bat
@@ -209,14 +211,14 @@ def _plan_dynamic(img: Image, new: int) -> _Plan:
     reserve = None
     locs = list(h.parent_locators)
     moved_blocks = moved_locs = 0
-    old_need = -(-img.size // bs)
+    old_need = entries_needed(img.size, bs)
     footer_at = img.data_end()
     # Entries between the old and the new size (growing), or past the new size (shrinking), must read as
     # nothing: a block there holds no data of the disk (checked for a shrink; beyond the size for a grow).
     lo, hi = (old_need, need) if new > img.size else (need, old_need)
     stale = [b for b in range(lo, min(hi, old_mte)) if int(bat[b]) != UNUSED_BAT_ENTRY]
     if mte > old_mte:
-        new_bat_end = to + _round(mte * 4)
+        new_bat_end = to + table_bytes(mte)
         region_end = new_bat_end
         batmap = None
         if img.batmap is not None:
@@ -256,7 +258,7 @@ def _plan_dynamic(img: Image, new: int) -> _Plan:
         bat_writes: list[tuple] = []
         for b in in_way:
             src = int(bat[b]) * SECTOR_SIZE
-            dst = _round(pos + img.bitmap_size, BLOCK_DATA_ALIGNMENT) - img.bitmap_size
+            dst = next_block(pos, img.bitmap_size)
             copies.append((src, dst, span))
             bat_writes.append(("w", to + 4 * b, (dst // SECTOR_SIZE).to_bytes(4, "big")))
             pos = dst + span
@@ -459,10 +461,10 @@ def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = False,
                 if img.footer_offset < 0:
                     raise InvalidFormatError("the footer at the end of the file is missing: run 'vhdcore repair' "
                                              "first", path=path, field="footer")
-                need = -(-size // img.block_size)
-                if need > 1 << 24:
+                need = entries_needed(size, img.block_size)
+                if need > MAX_BAT_ENTRIES:
                     raise UnsupportedFeatureError(f"{need} blocks of {img.block_size} bytes are too many for a BAT",
-                                                  path=path, field="header.block_size", value=img.block_size)
+                                                  path=path, field=HEADER.field("block_size"), value=img.block_size)
                 plan = _plan_dynamic(img, size)
             uid, footer_off, dtype = str(img.unique_id), img.footer_offset, img.disk_type.label
         report = ResizeReport(path, dtype, old, size, plan.mte, plan.blocks_moved, plan.locators_moved,

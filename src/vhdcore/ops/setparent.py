@@ -23,7 +23,7 @@ from . import journal
 from ..exceptions import ChainCycleError, ChainError, InvalidFormatError, ParentMismatchError
 from ..disk.image import Image
 from .coalesce.relink import RelinkPlan, apply_relink, plan_from_json, plan_relink
-from ..format.structs import DynamicHeader
+from ..format.structs import FOOTER, HEADER, DynamicHeader
 
 __all__ = ["set_parent", "SetParentReport", "journal_path"]
 
@@ -114,7 +114,7 @@ def set_parent(child: str | os.PathLike[str], parent: str | os.PathLike[str], *,
     with Image(child_s, "r", strict=strict) as cimg:
         if not cimg.is_differencing:
             raise ChainError("not a differencing disk: it has no parent to set", path=cimg.path,
-                             field="footer.disk_type", value=int(cimg.disk_type))
+                             field=FOOTER.field("disk_type"), value=int(cimg.disk_type))
         recorded = cimg.header.parent_unique_id
         child_id = os.fstat(cimg.fd)
         child_key = (child_id.st_dev, child_id.st_ino)
@@ -127,8 +127,8 @@ def set_parent(child: str | os.PathLike[str], parent: str | os.PathLike[str], *,
             raise ParentMismatchError(
                 f"{parent_s} has unique id {pimg.unique_id}, the child records {recorded}: it is not the parent "
                 "the child was made from (a copy keeps the id; a different disk does not). Pass --force to record "
-                "the new id if you know the content is the same", path=child_s, field="header.parent_unique_id",
-                value=str(recorded))
+                "the new id if you know the content is the same", path=child_s,
+                field=HEADER.field("parent_unique_id"), value=str(recorded))
         plan = _with_file_name(plan_relink(child_s, pimg), pimg.path)
         jpath = _write_journal(child_s, plan, parent_s)
         apply_relink(plan)

@@ -399,21 +399,18 @@ class SegmentedSink(Sink):
 
     def _wait_some(self, all_of_them: bool = False) -> None:
         done, _ = wait(self._inflight, return_when="ALL_COMPLETED" if all_of_them else FIRST_COMPLETED)
+        self._settle(done)
+
+    def _reap(self) -> None:
+        self._settle({f for f in self._inflight if f.done()})
+
+    def _settle(self, done: set) -> None:
+        """Take finished uploads out of the in-flight set, keep the first failure, and raise it."""
         self._inflight -= done
         for fut in done:
             exc = fut.exception()
             if exc is not None and self._error is None:
                 self._error = exc
-        self._raise_if_failed()
-
-    def _reap(self) -> None:
-        done = {f for f in self._inflight if f.done()}
-        if done:
-            self._inflight -= done
-            for fut in done:
-                exc = fut.exception()
-                if exc is not None and self._error is None:
-                    self._error = exc
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:

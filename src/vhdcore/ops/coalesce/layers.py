@@ -13,6 +13,7 @@ from ...disk.chain import is_within, open_layers, resolve_parent
 from ...format.locators import candidate_paths
 from ...disk.image import Image
 from ...exceptions import ChainError, ParentMismatchError, UnsafeOperationError, VHDError
+from ...format.structs import FOOTER, HEADER
 from .safety import FORCE_PARENT_ID
 
 __all__ = ["MergeChain", "open_chain"]
@@ -80,7 +81,7 @@ def _open_layers(child: str, parent_dirs: Sequence[str], strict: bool, force: se
                 f"the parent of {img.path} does not carry the unique id the child records ({e.message}); "
                 "its data may not be what the child was written over. Pass force "
                 f"'{FORCE_PARENT_ID}' (--force {FORCE_PARENT_ID}) to merge anyway",
-                path=img.path, offset=e.offset, field="header.parent_unique_id", value=e.value) from None
+                path=img.path, offset=e.offset, field=HEADER.field("parent_unique_id"), value=e.value) from None
         ppath = _find_parent_any_id(img, allowed)
         warnings.append(f"{img.path}: parent {ppath} has a different unique id than the child records "
                         f"(merged anyway: force '{FORCE_PARENT_ID}')")
@@ -120,5 +121,5 @@ def open_chain(stack: contextlib.ExitStack, child: str, into: str | os.PathLike[
     leaf = layers[0]
     if not leaf.is_differencing:
         raise ChainError("not a differencing disk: it has no parent to merge into", path=leaf.path,
-                         field="footer.disk_type", value=int(leaf.disk_type))
+                         field=FOOTER.field("disk_type"), value=int(leaf.disk_type))
     return MergeChain(layers, target_index(layers, into))

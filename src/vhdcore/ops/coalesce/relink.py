@@ -27,8 +27,10 @@ from ...exceptions import ChainError, JournalError, VHDError
 from ...format import locators
 from ...format.geometry import vhd_timestamp
 from ...format.locators import parent_locators_for
+from ...format.rules import table_bytes
 from ...disk.image import Image
 from ...format.structs import (
+    FOOTER,
     FOOTER_SIZE,
     HEADER_SIZE,
     NO_DATA_OFFSET,
@@ -155,7 +157,7 @@ def plan_relink(child_path: str, new_parent: Image) -> RelinkPlan:
     warnings: list[str] = []
     with Image(child_path, "r", strict=False) as img:
         if not img.is_differencing or img.header is None:
-            raise ChainError("not a differencing disk", path=img.path, field="footer.disk_type",
+            raise ChainError("not a differencing disk", path=img.path, field=FOOTER.field("disk_type"),
                              value=int(img.disk_type))
         h = img.header
         hoff = img.footer.data_offset
@@ -187,8 +189,8 @@ def apply_relink(plan: RelinkPlan, *, io=None) -> None:
     with Image(plan.path, "r+", strict=False) as img:
         if img.unique_id != plan.unique_id:
             raise ChainError(f"{plan.path} is no longer the disk that was to be relinked (unique id "
-                             f"{img.unique_id}, expected {plan.unique_id})", path=plan.path, field="footer.unique_id",
-                             value=str(img.unique_id))
+                             f"{img.unique_id}, expected {plan.unique_id})", path=plan.path,
+                             field=FOOTER.field("unique_id"), value=str(img.unique_id))
         *data_writes, (hoff, header) = plan.writes
         for off, data in data_writes:
             io.pwritev(img.fd, [data], off)
@@ -350,7 +352,7 @@ def check_plan_bytes(plan: RelinkPlan, path: str, parent_id: uuid.UUID | None, j
                 cur.table_offset, cur.max_table_entries, cur.block_size, cur.data_offset):
             raise refuse("would change the disk's block table or block size")
         slots = {(loc.data_offset, loc.data_space_bytes) for loc in new.parent_locators if loc.is_used}
-        bat_end = cur.table_offset + -(-4 * cur.max_table_entries // SECTOR_SIZE) * SECTOR_SIZE
+        bat_end = cur.table_offset + table_bytes(cur.max_table_entries)
         span = img.bitmap_size + img.block_size
         starts = img.bat[img.allocated_blocks()].astype(np.int64) * SECTOR_SIZE
         for off, data in data_writes:

@@ -18,6 +18,7 @@ from ...fileio import fsync_dir
 from ...disk.chain import file_identity, is_within, resolve_parent
 from ...disk.image import Image
 from ...exceptions import ChainError, VHDError
+from ...format.structs import FOOTER
 from .layers import MergeChain
 from .relink import (
     JournalError,
@@ -160,7 +161,7 @@ def finish_interrupted_removal(child: str, into: str | None, warnings: list[str]
     with Image(target_path, "r") as target:
         if str(target.unique_id) != rec.get("target_unique_id"):
             raise ChainError("the journal of an interrupted coalesce names a target whose unique id changed since",
-                             path=target_path, field="footer.unique_id", value=str(target.unique_id))
+                             path=target_path, field=FOOTER.field("unique_id"), value=str(target.unique_id))
         rep = CoalesceReport(child=leaf_path, target=target.path, target_type=target.disk_type.label,
                              merged_layers=list(merged), backend=K.BACKEND, block_size=target.block_size or 0)
         with Image(child, "r", strict=False) as leaf:

@@ -79,7 +79,7 @@ def check_safety(chain: MergeChain, dirs: list[str], force: set[str], warnings: 
             raise UnsupportedFeatureError(
                 f"the disk ({sources[i].size} bytes) is larger than its parent {layers[i + 1].path} "
                 f"({layers[i + 1].size} bytes): its data past the parent's end has nowhere to go (resize the parent "
-                "first)", path=sources[i].path, field="footer.current_size", value=sources[i].size)
+                "first)", path=sources[i].path, field=FOOTER.field("current_size"), value=sources[i].size)
     # Every disk whose view goes through a layer we change (the target and the intermediate layers) other than
     # the chain's own would see different content.
     already = {os.path.realpath(p.path) for p in replay}  # relinked by the interrupted run: bound, not named

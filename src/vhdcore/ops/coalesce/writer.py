@@ -27,9 +27,9 @@ import threading
 import numpy as np
 
 from ...disk.image import Image
-from ...format.layout import BLOCK_DATA_ALIGNMENT
+from ...format.layout import block_stride, next_block
 from ...fileio import WriteIO
-from ...format.structs import FOOTER_SIZE, SECTOR_SIZE
+from ...format.structs import FOOTER_SIZE, SECTOR_SIZE, UNUSED_BAT_ENTRY, round_up
 
 MiB = 1024 * 1024
 # Bitmaps of existing differencing blocks waiting for their data to be durable, before a commit is forced.
@@ -52,9 +52,9 @@ class TargetWriter:
             n = min(FOOTER_SIZE, img.file_size - img.footer_offset)
             self.footer = img.pread(img.footer_offset, n).ljust(FOOTER_SIZE, b"\0")
             self.span = img.bitmap_size + img.block_size
-            self.stride = -(-self.span // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT
+            self.stride = block_stride(img.block_size)
             start = max(img.blocks_end, img.metadata_end)
-            self.pos = -(-start // SECTOR_SIZE) * SECTOR_SIZE
+            self.pos = round_up(start, SECTOR_SIZE)
             self.eof_footer = img.footer_offset  # the footer that ends the file now
             # The BAT as it is on disk: committed runs are written from here, never from img.bat, whose newer
             # entries may point at data not yet durable.
@@ -69,10 +69,6 @@ class TargetWriter:
 
     # ------------------------------------------------------------------------- new blocks
 
-    def _slot_after(self, pos: int) -> int:
-        bm = self.img.bitmap_size
-        return -(-(pos + bm) // BLOCK_DATA_ALIGNMENT) * BLOCK_DATA_ALIGNMENT - bm
-
     def reserve(self) -> None:
         """Reserve the region for the new blocks now (cheapest before anything else is dirty: its sync is then
         one sector, not the writes in flight)."""
@@ -81,7 +77,7 @@ class TargetWriter:
 
     def _reserve(self) -> None:
         n = max(1, self.remaining)
-        end = self._slot_after(self.pos) + (n - 1) * self.stride + self.span
+        end = next_block(self.pos, self.img.bitmap_size) + (n - 1) * self.stride + self.span
         if end > self.eof_footer:
             self.io.pwritev(self.fd, [self.footer], end)
             self.io.fdatasync(self.fd)
@@ -92,7 +88,7 @@ class TargetWriter:
         """File offset for the next new block (its bitmap; the data follows)."""
         if not self.reserved:
             self._reserve()
-        off = self._slot_after(self.pos)
+        off = next_block(self.pos, self.img.bitmap_size)
         self.pos = off + self.span
         self.remaining -= 1
         self.batch_new += self.span
@@ -205,9 +201,9 @@ class TargetWriter:
         if len(raw) != 4 * len(self.disk_bat):
             return
         bat = np.frombuffer(raw, dtype=">u4")
-        used = bat[bat != 0xFFFFFFFF].astype(np.int64)
+        used = bat[bat != UNUSED_BAT_ENTRY].astype(np.int64)
         end = max(int(used.max()) * SECTOR_SIZE + self.span if len(used) else 0, self.img.metadata_end)
-        end = -(-end // SECTOR_SIZE) * SECTOR_SIZE
+        end = round_up(end, SECTOR_SIZE)
         if end >= self.eof_footer:
             return
         try:
