@@ -33,10 +33,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .format.structs import SECTOR_SIZE
-
 # Writes into new file space are cut to this size (module docstring): every writer of fresh space uses it.
 WRITE_PIECE = 256 * 1024
+# A power cut tears a write at a device-sector boundary: the injected torn write keeps whole 512-byte sectors.
+TORN_UNIT = 512
 
 
 def zero_fill(mv: memoryview) -> None:
@@ -190,7 +190,7 @@ class WriteIO:
         if self.fault_action == "eio":
             raise OSError(errno.EIO, f"injected fault at write {n} (VHDCORE_FAULT_AFTER_WRITES)")
         if self.fault_action == "torn" and data:
-            half = len(data) // 2 // SECTOR_SIZE * SECTOR_SIZE
+            half = len(data) // 2 // TORN_UNIT * TORN_UNIT
             if half:
                 os.pwrite(fd, data[:half], offset)
         os.kill(os.getpid(), signal.SIGKILL)
