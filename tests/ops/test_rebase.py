@@ -16,9 +16,17 @@ import vhdcore
 from vhdcore.exceptions import ChainCycleError, ChainError, UnsafeOperationError, VHDError
 from vhdcore.ops.rebase import journal_path, rebase
 from vhdcore.ops.coalesce.relink import plan_relink
-from support.vhdtest import MiB, file_sha256, random_writes, vhd_util, vhd_util_path, vhd_util_read
+from support.vhdtest import (
+    MiB,
+    faulted,
+    file_sha256,
+    random_writes,
+    vhd_util,
+    vhd_util_path,
+    vhd_util_read,
+    vhdcore_cli,
+)
 
-from support.vhdtest import vhdcore_cli
 
 KiB = 1024
 needs_vhd_util = pytest.mark.skipif(vhd_util_path() is None, reason="VHD_UTIL (libvhd's vhd-util) not set")
@@ -144,19 +152,6 @@ def test_random_rebase_sequences(tmp_path: Path, steps) -> None:
         assert vhdcore.check(leaf, chain=True).clean
 
 
-def _faulted(fn, at: int, monkeypatch) -> bool:
-    monkeypatch.setenv("VHDCORE_FAULT_AFTER_WRITES", str(at))
-    monkeypatch.setenv("VHDCORE_FAULT_ACTION", "eio")
-    try:
-        fn()
-        return True
-    except OSError as e:
-        assert "injected fault" in str(e)
-        return False
-    finally:
-        monkeypatch.delenv("VHDCORE_FAULT_AFTER_WRITES")
-
-
 def test_crash_at_every_write_then_rerun(tmp_path: Path, monkeypatch) -> None:
     """At every write: the child opens and reads its old content through the old parent (or, once the header was
     being switched, a torn header is mended by the rerun); the rerun finishes."""
@@ -171,7 +166,7 @@ def test_crash_at_every_write_then_rerun(tmp_path: Path, monkeypatch) -> None:
     while True:
         child.write_bytes(pristine)
         Path(journal_path(str(child))).unlink(missing_ok=True)
-        if _faulted(lambda: rebase(child, b), at, monkeypatch):
+        if faulted(lambda: rebase(child, b), at, monkeypatch):
             break
         doc = json.loads(Path(journal_path(str(child))).read_text())
         if doc["phase"] == "copy":

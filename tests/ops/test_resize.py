@@ -16,9 +16,8 @@ import vhdcore
 from vhdcore.exceptions import UnsafeOperationError
 from vhdcore.format.geometry import chs_from_size
 from vhdcore.ops.resize import journal_path, resize
-from support.vhdtest import MiB, qemu_raw, vhd_util, vhd_util_path, vhd_util_read
+from support.vhdtest import MiB, faulted, qemu_raw, vhd_util, vhd_util_path, vhd_util_read, vhdcore_cli
 
-from support.vhdtest import vhdcore_cli
 
 KiB = 1024
 needs_vhd_util = pytest.mark.skipif(vhd_util_path() is None, reason="VHD_UTIL (libvhd's vhd-util) not set")
@@ -134,20 +133,6 @@ def test_differencing_moves_blocks_and_locators(tmp_path: Path) -> None:
     assert content(child) == bytes(model)
 
 
-def _faulted(fn, at: int, monkeypatch) -> bool:
-    """Run ``fn`` with the ``at``-th write failing; True if it completed (fewer writes than ``at``)."""
-    monkeypatch.setenv("VHDCORE_FAULT_AFTER_WRITES", str(at))
-    monkeypatch.setenv("VHDCORE_FAULT_ACTION", "eio")
-    try:
-        fn()
-        return True
-    except OSError as e:
-        assert "injected fault" in str(e)
-        return False
-    finally:
-        monkeypatch.delenv("VHDCORE_FAULT_AFTER_WRITES")
-
-
 @pytest.mark.parametrize("kind", ["differencing", "dynamic", "fixed-shrink"])
 def test_crash_at_every_write_then_rerun(tmp_path: Path, monkeypatch, kind: str) -> None:
     d = Path(SCRATCH) if SCRATCH else tmp_path
@@ -174,7 +159,7 @@ def test_crash_at_every_write_then_rerun(tmp_path: Path, monkeypatch, kind: str)
         at = 1
         while True:
             p.write_bytes(pristine)
-            if _faulted(lambda: resize(p, new, shrink=True), at, monkeypatch):
+            if faulted(lambda: resize(p, new, shrink=True), at, monkeypatch):
                 break
             # After the crash: the disk opens and holds the old content (at the old or the new size). A fixed disk
             # has no footer copy: between its two footer writes the other footer's sector shows inside the disk,

@@ -101,3 +101,17 @@ def vhdcore_cli(*args: object, check: bool = True) -> subprocess.CompletedProces
         assert r.returncode == 0, r.stderr
         assert "Traceback" not in r.stderr
     return r
+
+
+def faulted(fn, at: int, monkeypatch) -> bool:
+    """Run ``fn`` with the ``at``-th write failing; True if it completed (fewer writes than ``at``)."""
+    monkeypatch.setenv("VHDCORE_FAULT_AFTER_WRITES", str(at))
+    monkeypatch.setenv("VHDCORE_FAULT_ACTION", "eio")
+    try:
+        fn()
+        return True
+    except OSError as e:
+        assert "injected fault" in str(e)
+        return False
+    finally:
+        monkeypatch.delenv("VHDCORE_FAULT_AFTER_WRITES")
