@@ -4,7 +4,8 @@ import stat
 
 import pytest
 
-from vhdcore.destination import DestinationError, DestinationExistsError, atomic_output, check_destination
+from vhdcore.destination import DestinationError, DestinationExistsError, check_destination
+from vhdcore.fileio import atomic_output
 
 pytestmark = pytest.mark.backend_independent  # path and file rules only: no kernel
 

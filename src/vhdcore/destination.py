@@ -9,7 +9,7 @@ Every writing command (create, snapshot, convert, compact, export, image, repair
   block device named explicitly with ``allow_device`` (then it is written in place, never replaced);
 - the directory must exist.
 
-New files are made by :func:`vhdcore.fileio.atomic_output` (re-exported here): a temporary name in the
+New files are made by :func:`vhdcore.fileio.atomic_output`: a temporary name in the
 destination's own directory, fsynced, renamed over the final name, and the directory fsynced, so a crash leaves
 either the old file or the whole new one under the final name.
 """
@@ -21,9 +21,8 @@ import stat
 from typing import Iterable
 
 from .exceptions import DestinationError, DestinationExistsError
-from .fileio import atomic_output  # noqa: F401 - the durable way to write a destination
 
-__all__ = ["DestinationError", "DestinationExistsError", "check_destination", "atomic_output"]
+__all__ = ["DestinationError", "DestinationExistsError", "check_destination"]
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from ..pipeline import image
 from ._common import (LEVEL_HELP, add_open_arguments, add_overwrite_argument,
                       add_remote_arguments, compression_level, human, print_json,
                       remote_options)
-from ._job_options import add_job_arguments, limit_options, wants_job
+from ._job_options import add_job_arguments, wants_job
 from ._progress import add_progress_argument, progress_from_args
 
 NAME = "image"

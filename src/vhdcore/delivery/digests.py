@@ -236,7 +236,7 @@ class XXH3Manifest:
     def dump(self, path: str | os.PathLike[str]) -> None:
         """Write the manifest to ``path`` atomically (an unpredictable O_EXCL temporary name, never a symlink
         followed); the caller has applied the destination rule to ``path``."""
-        from ..destination import atomic_output
+        from ..fileio import atomic_output
 
         data = self.to_json().encode("ascii")
         with atomic_output(path) as (fd, _tmp):

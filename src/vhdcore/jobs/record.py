@@ -10,7 +10,7 @@ running stage (bytes done and total, rate, ETA), each stage's seconds and outcom
                                                      \\-> retry         (retry later: a stage ran past its time
                                                                         limit, or the upload was dropped)
 
-Every rewrite goes through :func:`vhdcore.destination.atomic_output` (a temporary file renamed over the old
+Every rewrite goes through :func:`vhdcore.fileio.atomic_output` (a temporary file renamed over the old
 one), so a crash or a kill at any moment leaves the previous record or the new one, never a torn one. State
 transitions are fsynced; progress ticks (at most one a second) are not, since losing one costs nothing.
 
@@ -25,7 +25,7 @@ import time
 import uuid
 from typing import Any
 
-from ..destination import atomic_output
+from ..fileio import atomic_output
 from ..exceptions import JobRecordError, StageTimeout, error_object
 from ..progress import utc_now
 

@@ -1,7 +1,7 @@
 """Journals of the operations that rewrite a disk in place (set-parent, rebase, resize): one way to name, write,
 read and remove them, and one rule binding a header-rewrite plan to the disk it was made for.
 
-A journal is ``.<disk>.<suffix>`` beside the disk, written whole through :func:`destination.atomic_output`
+A journal is ``.<disk>.<suffix>`` beside the disk, written whole through :func:`fileio.atomic_output`
 (never a torn journal), read with a size bound, and removed with its directory synced. What it says is input: a
 journal that is not the kind expected, too large, or not bound to this disk is refused with a clear error and
 nothing is written (see :func:`bind_header_plan`). The coalesce journal keeps its own reader in ``relink.py``

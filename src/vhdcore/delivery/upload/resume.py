@@ -2,7 +2,7 @@
 
 A job (``vhdcore image --job-dir D``) passes an :class:`UploadState` to the segmented sink. As each segment is
 stored and its etag checked, the state (``D/upload-state.json``) is rewritten atomically
-(:func:`vhdcore.destination.atomic_output`) with the segment's index, object name, size and md5, the Swift
+(:func:`vhdcore.fileio.atomic_output`) with the segment's index, object name, size and md5, the Swift
 segment prefix or the S3 multipart upload id. A rerun of the same job regenerates the same byte stream (the
 job pins the package's unique id and timestamp; zstd and gzip output depends only on the input, level and
 chunking), and the sink skips a segment only when
@@ -28,7 +28,7 @@ import re
 import threading
 from typing import Any
 
-from ...destination import atomic_output
+from ...fileio import atomic_output
 
 __all__ = ["UploadState", "STATE_NAME"]
 
